@@ -1,0 +1,94 @@
+"""Weights on disk: safetensors only (no pickled code runs on load), written atomically.
+
+A file is written to a temporary name in the same folder, flushed and fsynced, then renamed over the
+target, so a crash or a full disk never leaves a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "qatkit/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is corrupt, truncated, foreign, or for another model."""
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename (all or nothing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+    """Save a state_dict as safetensors with qatkit metadata (JSON-encoded values)."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    meta = {"format": FORMAT}
+    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    atomic_write_bytes(path, save(tensors, metadata=meta))
+    return Path(path)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The qatkit metadata stored in a checkpoint (decoded); raises CheckpointError if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # safetensors raises several types for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({_short(e)})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a qatkit checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    return {k: (v if k == "format" else json.loads(v)) for k, v in meta.items()}
+
+
+def load_weights(path: str | Path, expect: dict | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors state_dict; with ``expect``, refuse one whose metadata differs on those keys."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    meta = read_metadata(path)
+    for key, want in (expect or {}).items():
+        if meta.get(key) != want:
+            raise CheckpointError(f"{path}: checkpoint is for {key}={meta.get(key)!r}, this run has {key}={want!r}")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
+
+
+def _short(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__

@@ -1,0 +1,127 @@
+"""Command line: ``qatkit run [RECIPE]``, ``qatkit layers RECIPE``, ``qatkit recipes``.
+
+Errors print one readable line and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="qatkit: quantization-aware training from float baseline to verified int8 files.")
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+DEFAULT_RECIPE = "digits_mlp"
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Recipes shipped inside the package, by file stem."""
+    folder = resources.files("qatkit") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_recipe(name_or_path: str | None) -> Path:
+    """A recipe file path: an existing file, or the name of a bundled recipe (default: digits_mlp)."""
+    if name_or_path is None:
+        return bundled_recipes()[DEFAULT_RECIPE]
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = bundled_recipes()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    raise FileNotFoundError(f"no recipe file {name_or_path!r} and no bundled recipe of that name "
+                            f"(bundled: {', '.join(sorted(bundled))})")
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    STATE["debug"] = debug
+
+
+@app.command()
+def run(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or bundled recipe name (default: digits_mlp)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<recipe name>)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Run FP32 -> PTQ -> QAT -> ONNX export -> ONNX Runtime verification; write DIR/report.{json,md}."""
+    from .pipeline import run as run_pipeline
+    from .recipe import load_recipe
+
+    r = load_recipe(resolve_recipe(recipe))
+    run_pipeline(r, out or Path("runs") / r.name, console=console, progress=not no_progress and console.is_terminal)
+
+
+@app.command()
+def layers(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or bundled recipe name.")) -> None:
+    """Print, without training, which layers each variant of the recipe quantizes and why."""
+    from .data import load_dataset
+    from .fold import fold_batchnorm
+    from .models import build_model
+    from .prepare import plan
+    from .recipe import load_recipe
+
+    r = load_recipe(resolve_recipe(recipe))
+    data = load_dataset(r.data.name, r.data.val_fraction, r.seed)
+    for v in r.variants:
+        model = build_model(r.model.name, data.input_shape, data.num_classes, **r.model.args)
+        if r.fp32.fold_batchnorm:
+            fold_batchnorm(model)
+        report, _ = plan(model, v.quant)
+        table = report.rich_table()
+        table.title = f"{v.name}: {report.summary()}"
+        console.print(table)
+
+
+@app.command()
+def recipes() -> None:
+    """List the bundled recipes."""
+    from .recipe import load_recipe
+
+    for name, path in sorted(bundled_recipes().items()):
+        r = load_recipe(path)
+        mark = " (default)" if name == DEFAULT_RECIPE else ""
+        console.print(f"[bold]{name}[/]{mark}: {r.description.strip().splitlines()[0] if r.description else ''}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning expected errors into one line and exit status 2."""
+    from .checkpoint import CheckpointError
+    from .recipe import RecipeError
+
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except (RecipeError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Export: Q/DQ conversion, ONNX files and their verification in ONNX Runtime."""

@@ -1,0 +1,67 @@
+"""ONNX export: float models as they are, quantized models as QDQ graphs with int8 weight initializers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..nn.modules import QuantModule
+from .qdq import to_qdq
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, dynamic_batch: bool = True) -> Path:
+    """Write ``model`` to ``path`` (one self-contained file). Quantized wrappers become Q/DQ + int8 weights.
+
+    ``example`` is one input batch (batch size >= 2 so the batch dimension stays dynamic).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantized = any(isinstance(m, QuantModule) for m in model.modules())
+    m = to_qdq(model) if quantized else model
+    was_training = m.training
+    m.eval()
+    if dynamic_batch and example.shape[0] < 2:
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with _quiet():
+        torch.onnx.export(
+            m, (example,), str(path), dynamo=True, external_data=False, dynamic_shapes=shapes,
+            input_names=["input"], output_names=["logits"], verbose=False,
+        )
+    m.train(was_training)
+    strip_debug_info(path)
+    return path
+
+
+def strip_debug_info(path: str | Path) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces, local paths): it is not needed to run the
+    model, leaks the build machine's paths, and would be a third of a small int8 file."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(model, str(path))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and warnings (errors still raise)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)

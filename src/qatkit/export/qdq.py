@@ -1,0 +1,118 @@
+"""Turn fake-quantized wrappers into explicit QuantizeLinear/DequantizeLinear graphs for export.
+
+Weights become integer initializers (int8 storage, any 2-8 bit grid) plus a dequantize; layer inputs get a
+quantize/dequantize pair with constant scale and zero point. ONNX Runtime fuses DQ -> MatMul/Conv -> Q into
+int8 kernels. Per-group weights dequantize with plain arithmetic (ONNX has no per-group Q/DQ before opset 21).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.fake_quantizer import FakeQuantizer
+from ..nn.modules import QuantConv1d, QuantConv2d, QuantLinear, QuantModule
+from ..quant.affine import quantize_to_int
+
+qd = torch.ops.quantized_decomposed
+
+
+class QDQWeight(nn.Module):
+    """Integer weight codes plus what it takes to dequantize them in the graph."""
+
+    def __init__(self, weight: torch.Tensor, fq: FakeQuantizer):
+        super().__init__()
+        spec = fq.spec
+        self.qmin, self.qmax, self.ch_axis, self.group = spec.qmin, spec.qmax, fq.ch_axis, fq.group_size
+        codes = quantize_to_int(weight.detach(), fq.scale.detach(), fq.zero_point, spec.qmin, spec.qmax, fq.ch_axis, fq.group_size)
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("scale", fq.scale.detach().clone().float())
+        self.register_buffer("zero_point", fq.zero_point.detach().clone().to(torch.int64))
+        self.shape = tuple(weight.shape)
+
+    def forward(self) -> torch.Tensor:
+        if self.group:
+            g = self.codes.reshape(-1, self.group).float() - self.zero_point.float()[:, None]
+            return (g * self.scale[:, None]).reshape(self.shape)
+        if self.ch_axis is None:
+            return qd.dequantize_per_tensor(
+                self.codes, float(self.scale), int(self.zero_point), self.qmin, self.qmax, torch.int8
+            )
+        return qd.dequantize_per_channel(
+            self.codes, self.scale, self.zero_point, self.ch_axis, self.qmin, self.qmax, torch.int8
+        )
+
+
+class QDQInput(nn.Module):
+    """Quantize-dequantize of a layer input with constants (uint8 for unsigned grids, int8 for signed)."""
+
+    def __init__(self, fq: FakeQuantizer):
+        super().__init__()
+        spec = fq.spec
+        self.scale = float(fq.scale.detach().reshape(-1)[0])
+        self.zero_point = int(fq.zero_point.reshape(-1)[0])
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.dtype = torch.uint8 if spec.qmin >= 0 else torch.int8
+        full = (0, 255) if self.dtype == torch.uint8 else (-128, 127)
+        narrower = (self.qmin, self.qmax) != full
+        self.clamp = (
+            ((self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale) if narrower else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clamp is not None:  # grids narrower than the 8-bit storage type: ONNX Q saturates at 8 bits
+            x = torch.clamp(x, self.clamp[0], self.clamp[1])
+        q = qd.quantize_per_tensor(x, self.scale, self.zero_point, self.qmin, self.qmax, self.dtype)
+        return qd.dequantize_per_tensor(q, self.scale, self.zero_point, self.qmin, self.qmax, self.dtype)
+
+
+class QDQLayer(nn.Module):
+    """A Linear or Conv layer in Q/DQ form: quantized input, integer weight, float bias."""
+
+    def __init__(self, wrapper: QuantModule):
+        super().__init__()
+        self.input_qdq = QDQInput(wrapper.input_quant) if wrapper.input_quant is not None else None
+        if wrapper.weight_quant is not None:
+            self.weight_qdq = QDQWeight(wrapper.weight, wrapper.weight_quant)
+        else:
+            self.register_buffer("float_weight", wrapper.weight.detach().clone())
+        self.bias = None if wrapper.bias is None else nn.Parameter(wrapper.bias.detach().clone(), requires_grad=False)
+        self.op = _layer_fn(wrapper)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_qdq is not None:
+            x = self.input_qdq(x)
+        w = self.weight_qdq() if hasattr(self, "weight_qdq") else self.float_weight
+        return self.op(x, w, self.bias)
+
+
+def _layer_fn(m: QuantModule):
+    """The functional form of a wrapper's float op with its hyper-parameters bound."""
+    if isinstance(m, QuantLinear):
+        return F.linear
+    if isinstance(m, (QuantConv1d, QuantConv2d)):
+        if m.padding_mode != "zeros":
+            raise ValueError(f"export supports padding_mode='zeros' only, got {m.padding_mode!r}")
+        conv = F.conv1d if isinstance(m, QuantConv1d) else F.conv2d
+        stride, padding, dilation, groups = m.stride, m.padding, m.dilation, m.groups
+
+        def op(x, w, b):
+            return conv(x, w, b, stride, padding, dilation, groups)
+
+        return op
+    raise TypeError(f"no Q/DQ export for {type(m).__name__}")
+
+
+def to_qdq(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every quantized wrapper replaced by its Q/DQ form (eval mode)."""
+    out = copy.deepcopy(model).eval()
+    for name, m in list(out.named_modules()):
+        if isinstance(m, QuantModule):
+            parent_name, _, child = name.rpartition(".")
+            parent = out.get_submodule(parent_name) if parent_name else out
+            setattr(parent, child, QDQLayer(m))
+    return out

@@ -1,0 +1,87 @@
+"""Check an exported file in ONNX Runtime: outputs, accuracy, fused int8 kernels, size and latency."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+INT8_KERNELS = {
+    "QGemm", "QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+    "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul", "QAttention",
+}
+"""ORT op types that compute in integers (what QDQ fusion should produce)."""
+
+
+def session(path: str | Path, threads: int = 1, optimized_path: str | Path | None = None):
+    """An ORT CPU session with a fixed thread count (so latency comparisons are fair)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits for all rows of ``x``, in batches."""
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i : i + batch_size].astype(np.float32)})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs)
+
+
+def optimized_op_counts(path: str | Path) -> Counter:
+    """Op types of the graph ORT actually runs after its optimisations (QDQ fusion included)."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        opt = Path(d) / "optimized.onnx"
+        session(path, optimized_path=opt)
+        graph = onnx.load(str(opt)).graph
+    return Counter(n.op_type for n in graph.node)
+
+
+def fused_int8_ops(path: str | Path) -> dict[str, int]:
+    """Integer kernels in ORT's optimised graph; empty means the QDQ graph runs in float."""
+    return {k: v for k, v in optimized_op_counts(path).items() if k in INT8_KERNELS}
+
+
+def file_size(path: str | Path) -> int:
+    return os.path.getsize(path)
+
+
+def latencies(
+    sessions: dict[str, object], sample: np.ndarray, batches: list[int], seconds: float = 0.5, rounds: int = 5
+) -> dict[str, dict[int, float]]:
+    """Median milliseconds per call for each session and batch size, measured interleaved.
+
+    Sessions take turns in ``rounds`` rounds of about ``seconds / rounds`` each, so machine noise hits all
+    of them alike; the median over rounds is reported.
+    """
+    out: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in sessions}
+    for b in batches:
+        reps = int(np.ceil(b / len(sample)))
+        x = np.concatenate([sample] * reps)[:b].astype(np.float32)
+        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+        for k, s in sessions.items():
+            for _ in range(3):
+                s.run(None, feeds[k])
+        for _ in range(rounds):
+            for k, s in sessions.items():
+                n, t0 = 0, time.perf_counter()
+                while True:
+                    s.run(None, feeds[k])
+                    n += 1
+                    el = time.perf_counter() - t0
+                    if el >= seconds / rounds and n >= 3:
+                        break
+                out[k][b].append(1000.0 * el / n)
+    return {k: {b: statistics.median(v) for b, v in d.items()} for k, d in out.items()}

@@ -1,0 +1,23 @@
+"""Module wrappers: FakeQuantizer and quantized Linear / Conv layers."""
+
+from .fake_quantizer import FakeQuantizer
+from .modules import (
+    QUANT_MODULES,
+    QuantConv1d,
+    QuantConv2d,
+    QuantLinear,
+    QuantModule,
+    iter_quantizers,
+    register_quant_module,
+)
+
+__all__ = [
+    "FakeQuantizer",
+    "QUANT_MODULES",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantModule",
+    "iter_quantizers",
+    "register_quant_module",
+]

@@ -1,0 +1,114 @@
+"""FakeQuantizer: the module that holds one tensor's quantizer state and applies fake quantization.
+
+Every piece of state (scale, zero point, running range, batch counter, on/off switches) is a buffer or
+parameter, so it travels in ``state_dict`` and survives a resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.affine import broadcast_param, fake_quantize, lsq_fake_quantize, qparams_from_range
+from ..quant.observers import observe
+from ..quant.spec import QuantSpec
+
+
+def num_scales(spec: QuantSpec, shape: tuple[int, ...] | None) -> int:
+    """How many (scale, zero point) pairs a tensor of ``shape`` needs under ``spec``."""
+    if spec.granularity == "tensor":
+        return 1
+    if shape is None:
+        raise ValueError(f"granularity '{spec.granularity}' needs the tensor shape (weights only)")
+    if spec.granularity == "channel":
+        return shape[spec.ch_axis]
+    inner = 1
+    for d in shape[1:]:
+        inner *= d
+    if inner % spec.group_size:
+        raise ValueError(f"input size {inner} is not a multiple of group_size {spec.group_size}")
+    return shape[0] * inner // spec.group_size
+
+
+class FakeQuantizer(nn.Module):
+    """Observes a tensor's range and fake-quantizes it according to a :class:`QuantSpec`.
+
+    ``observer_on`` and ``fake_quant_on`` are buffers, not Python flags, so a resumed run continues in the
+    same phase. A learnable (LSQ) scale is initialised by the observer on the first observed batch.
+    Given a ``shape`` it quantizes a weight: each observation replaces the range instead of merging into it.
+    """
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.is_weight = shape is not None
+        n = num_scales(spec, shape)
+        scale = torch.ones(n)
+        if spec.learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
+        self.register_buffer("min_val", torch.zeros(n))
+        self.register_buffer("max_val", torch.zeros(n))
+        self.register_buffer("observed_batches", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("observer_on", torch.ones((), dtype=torch.bool))
+        self.register_buffer("fake_quant_on", torch.ones((), dtype=torch.bool))
+
+    @property
+    def ch_axis(self) -> int | None:
+        return self.spec.ch_axis if self.spec.granularity == "channel" else None
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_size if self.spec.granularity == "group" else 0
+
+    @property
+    def tracks_every_step(self) -> bool:
+        """Weight ranges re-observed every step: cheap min-max on fixed (non-learnable) scales only."""
+        return self.spec.observer == "minmax" and not self.spec.learnable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool(self.observer_on):
+            self.update_range(x)
+        if not bool(self.fake_quant_on):
+            return x
+        fn = lsq_fake_quantize if self.spec.learnable else fake_quantize
+        return fn(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.ch_axis, self.group_size)
+
+    @torch.no_grad()
+    def update_range(self, x: torch.Tensor) -> None:
+        """Merge ``x``'s range into the running range and recompute scale and zero point."""
+        seen = 0 if self.is_weight else int(self.observed_batches)
+        lo, hi = observe(x, self.spec, (self.min_val, self.max_val), seen)
+        self.min_val.copy_(lo)
+        self.max_val.copy_(hi)
+        self.observed_batches += 1
+        scale, zp = qparams_from_range(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
+        self.scale.data.copy_(scale)
+        self.zero_point.copy_(zp)
+
+    def reset_range(self) -> None:
+        """Forget the running range (the next observed batch starts afresh)."""
+        self.observed_batches.zero_()
+
+    def set_observer(self, on: bool) -> None:
+        self.observer_on.fill_(on)
+
+    def set_fake_quant(self, on: bool) -> None:
+        self.fake_quant_on.fill_(on)
+
+    def clipped_fraction(self, x: torch.Tensor) -> float:
+        """Share of ``x``'s values that fall outside the representable range (a health statistic)."""
+        from ..quant.affine import _broadcast
+
+        s = broadcast_param(x, self.scale.detach(), self.ch_axis, self.group_size)
+        zp = broadcast_param(x, self.zero_point.float(), self.ch_axis, self.group_size)
+        q = torch.round(x.detach() / s) + zp
+        return float(((q < self.spec.qmin) | (q > self.spec.qmax)).float().mean())
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        kind = "lsq" if s.learnable else s.observer
+        sign = "int" if s.signed else "uint"
+        return f"{sign}{s.bits}, {s.granularity}, {'sym' if s.symmetric else 'asym'}, {kind}"

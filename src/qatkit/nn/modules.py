@@ -1,0 +1,101 @@
+"""Quantized Linear / Conv1d / Conv2d: the float module's own parameters plus weight and input quantizers.
+
+A wrapper is made from a float module and shares its Parameter objects (no copy), keeps its name and
+state_dict keys (``fc1.weight`` stays ``fc1.weight``), and converts back with :meth:`QuantModule.to_float`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.spec import QuantSpec
+from .fake_quantizer import FakeQuantizer
+
+
+def _clone_module_dict(src: nn.Module) -> dict:
+    """Shallow copy of a module's ``__dict__`` with its own containers (same Parameter objects)."""
+    return {k: (v.copy() if isinstance(v, dict) else v) for k, v in src.__dict__.items()}
+
+
+class QuantModule:
+    """Mixin for wrappers: ``weight_quant`` and optional ``input_quant`` around the float forward."""
+
+    float_type: type[nn.Module]
+    weight_quant: FakeQuantizer | None
+    input_quant: FakeQuantizer | None
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None
+    ) -> "QuantModule":
+        """Wrap ``module`` (sharing its parameters); ``None`` leaves that tensor in float."""
+        q = cls.__new__(cls)
+        q.__dict__ = _clone_module_dict(module)
+        wq = FakeQuantizer(weight, tuple(module.weight.shape)) if weight is not None else None
+        aq = FakeQuantizer(activation) if activation is not None else None
+        nn.Module.__setattr__(q, "weight_quant", wq)
+        nn.Module.__setattr__(q, "input_quant", aq)
+        return q
+
+    def to_float(self) -> nn.Module:
+        """The plain float module with the same (possibly trained) parameters."""
+        f = self.float_type.__new__(self.float_type)
+        f.__dict__ = _clone_module_dict(self)
+        f._modules.pop("weight_quant", None)
+        f._modules.pop("input_quant", None)
+        return f
+
+    def quantizers(self) -> list[FakeQuantizer]:
+        return [q for q in (self.weight_quant, self.input_quant) if q is not None]
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.input_quant(x) if self.input_quant is not None else x
+
+    def quant_weight(self) -> torch.Tensor:
+        return self.weight_quant(self.weight) if self.weight_quant is not None else self.weight
+
+
+class QuantLinear(QuantModule, nn.Linear):
+    float_type = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+class QuantConv1d(QuantModule, nn.Conv1d):
+    float_type = nn.Conv1d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+class QuantConv2d(QuantModule, nn.Conv2d):
+    float_type = nn.Conv2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+QUANT_MODULES: dict[type[nn.Module], type[QuantModule]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+}
+"""Float type -> wrapper. Exact type match: subclasses (e.g. attention's out_proj) are not swapped silently."""
+
+REPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+"""Types every layer report lists, quantized or not."""
+
+
+def register_quant_module(float_type: type[nn.Module], quant_type: type[QuantModule]) -> None:
+    """Teach :func:`qatkit.prepare` to wrap another float layer type."""
+    QUANT_MODULES[float_type] = quant_type
+
+
+def iter_quantizers(model: nn.Module):
+    """Yield (qualified name, FakeQuantizer) for every quantizer in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, FakeQuantizer):
+            yield name, m

@@ -1,0 +1,153 @@
+"""The main job, top to bottom: FP32 -> PTQ -> QAT (warm-started) -> ONNX export -> verify in ONNX Runtime.
+
+Every number in the report comes from this run: PyTorch stages are evaluated on the test split, exported
+files are run in ONNX Runtime on the same split and compared with the PyTorch model they came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from .checkpoint import save_weights
+from .data import load_dataset
+from .export import verify
+from .export.onnx import export_onnx
+from .fold import fold_batchnorm
+from .models import build_model
+from .prepare import prepare, quant_status
+from .ptq import calibrate
+from .recipe import Recipe, Variant
+from .report import Report, Row
+from .train import agreement, classification_metrics, fit, make_loader, predict
+from .warmstart import warm_start
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, progress: bool = True) -> Report:
+    """Run every stage of ``recipe``; write checkpoints, ONNX files and the report into ``out_dir``."""
+    console = console or Console()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    seed_everything(recipe.seed)
+    data = load_dataset(recipe.data.name, recipe.data.val_fraction, recipe.seed)
+    bs, nc = recipe.data.batch_size, data.num_classes
+    test_loader = make_loader(data.test, 512, False)
+    x_test = data.test.tensors[0]
+    report = Report(recipe=recipe.model_dump(mode="json"), data=data.info, class_names=data.class_names)
+    fingerprint = {"recipe": recipe.name, "model": recipe.model.name}
+
+    def new_model() -> torch.nn.Module:
+        return build_model(recipe.model.name, data.input_shape, nc, **recipe.model.args)
+
+    def evaluate_torch(model: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+        logits, targets = predict(model, test_loader)
+        return classification_metrics(logits, targets, nc), logits
+
+    # ---- FP32 baseline -------------------------------------------------------------------------
+    console.rule(f"[bold]{recipe.name}[/]: FP32 baseline")
+    fp32 = new_model()
+    if recipe.fp32.checkpoint is not None:
+        ws = warm_start(fp32, recipe.fp32.checkpoint, strict=True)
+        console.print(ws.summary())
+    else:
+        res = fit(fp32, data.train, data.val, recipe.fp32.train, num_classes=nc, batch_size=bs, seed=recipe.seed,
+                  num_workers=recipe.data.num_workers, log_path=out / "fp32_train.csv", desc="fp32", progress=progress)
+        report.training["fp32"] = {"epochs": len(res.history), "best_epoch": res.best_epoch, "seconds": res.seconds}
+    folded = fold_batchnorm(fp32) if recipe.fp32.fold_batchnorm else []
+    if folded:
+        console.print(f"folded BatchNorm into the preceding layer: {', '.join(folded)}")
+    ckpt = save_weights(out / "fp32.safetensors", fp32.state_dict(), dict(fingerprint, stage="fp32"))
+    fp32_metrics, fp32_logits = evaluate_torch(fp32)
+    report.add(Row("fp32", "fp32", "pytorch", fp32_metrics, size_bytes=ckpt.stat().st_size))
+    console.print(f"FP32 test accuracy {fp32_metrics['accuracy']:.4f}, NLL {fp32_metrics['loss']:.4f}")
+
+    onnx_files: dict[str, tuple[Path, torch.Tensor, str, str]] = {}
+    if recipe.export.onnx:
+        onnx_files["fp32"] = (export_onnx(fp32, x_test[:2], out / "fp32.onnx"), fp32_logits, "fp32", "fp32")
+
+    # ---- each quantized variant: PTQ, then QAT warm-started from the float checkpoint -----------
+    for v in recipe.variants:
+        console.rule(f"[bold]{v.name}[/]: PTQ and QAT")
+        ptq_model = copy.deepcopy(fp32)
+        layers = prepare(ptq_model, v.quant)
+        console.print(layers.rich_table())
+        report.layers[v.name] = layers.to_dict()
+        calibrate(ptq_model, make_loader(data.train, bs, True, recipe.seed), v.ptq.calib_batches)
+        m, ptq_logits = evaluate_torch(ptq_model)
+        report.add(Row(v.name, "ptq", "pytorch", m, status=quant_status(ptq_model)))
+        console.print(f"PTQ test accuracy {m['accuracy']:.4f}, NLL {m['loss']:.4f}")
+        if recipe.export.onnx:
+            onnx_files[f"{v.name}/ptq"] = (export_onnx(ptq_model, x_test[:2], out / f"{v.name}_ptq.onnx"), ptq_logits, v.name, "ptq")
+        if v.qat is None:
+            continue
+        qat_model, ws = _warm_started(new_model, recipe, v, ckpt)
+        report.warm_start[v.name] = ws.to_dict()
+        console.print(ws.summary())
+        calibrate(qat_model, make_loader(data.train, bs, True, recipe.seed), v.ptq.calib_batches)
+        status = quant_status(qat_model)
+        if status["fake_quant_on"] == 0:
+            raise RuntimeError(f"variant {v.name}: QAT requested but no fake quantizer is active")
+        console.print(f"QAT active: {status['fake_quant_on']} fake quantizers on {status['wrappers']} layers")
+        res = fit(qat_model, data.train, data.val, v.qat, num_classes=nc, batch_size=bs, seed=recipe.seed,
+                  num_workers=recipe.data.num_workers, log_path=out / f"{v.name}_qat_train.csv", desc=f"{v.name} qat",
+                  progress=progress)
+        report.training[f"{v.name}/qat"] = {"epochs": len(res.history), "best_epoch": res.best_epoch, "seconds": res.seconds}
+        qckpt = save_weights(out / f"{v.name}_qat.safetensors", qat_model.state_dict(), dict(fingerprint, stage=f"{v.name}/qat"))
+        m, qat_logits = evaluate_torch(qat_model)
+        report.add(Row(v.name, "qat", "pytorch", m, size_bytes=qckpt.stat().st_size, status=quant_status(qat_model)))
+        console.print(f"QAT test accuracy {m['accuracy']:.4f}, NLL {m['loss']:.4f}")
+        if recipe.export.onnx:
+            onnx_files[f"{v.name}/qat"] = (export_onnx(qat_model, x_test[:2], out / f"{v.name}_qat.onnx"), qat_logits, v.name, "qat")
+
+    # ---- verify every exported file in ONNX Runtime ---------------------------------------------
+    if onnx_files:
+        console.rule("[bold]ONNX Runtime[/]: accuracy, agreement, size, latency")
+        _verify_onnx(onnx_files, data, nc, recipe, report)
+    report.seconds = time.perf_counter() - t_start
+    report.write(out)
+    console.print(report.rich_table())
+    console.print(f"report: {out / 'report.md'}")
+    return report
+
+
+def _warm_started(new_model, recipe: Recipe, v: Variant, ckpt: Path):
+    """A fresh model, prepared for ``v`` and warm-started from the FP32 checkpoint file (seed 003)."""
+    model = new_model()
+    if recipe.fp32.fold_batchnorm:
+        fold_batchnorm(model)
+    prepare(model, v.quant)
+    return model, warm_start(model, ckpt)
+
+
+def _verify_onnx(files: dict, data, nc: int, recipe: Recipe, report: Report) -> None:
+    x = data.test.tensors[0].numpy()
+    y = data.test.tensors[1]
+    sessions = {}
+    for key, (path, torch_logits, variant, stage) in files.items():
+        sess = verify.session(path, threads=recipe.export.latency_threads)
+        sessions[key] = sess
+        logits = torch.from_numpy(verify.run(sess, x))
+        metrics = classification_metrics(logits, y, nc)
+        row = Row(variant, stage, "onnxruntime", metrics, size_bytes=verify.file_size(path),
+                  agreement=agreement(logits.numpy(), torch_logits.numpy()), file=path.name)
+        if stage != "fp32":
+            row.fused_ops = verify.fused_int8_ops(path)
+        report.add(row)
+    lat = verify.latencies(sessions, x[:64], recipe.export.latency_batches, recipe.export.latency_seconds)
+    for row in report.rows:
+        if row.runtime == "onnxruntime":
+            key = "fp32" if row.stage == "fp32" else f"{row.variant}/{row.stage}"
+            row.latency_ms = {str(b): ms for b, ms in lat[key].items()}

@@ -1,0 +1,189 @@
+"""prepare(model, recipe): swap matching layers for quantized wrappers and report every layer's fate."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from .nn.fake_quantizer import FakeQuantizer
+from .nn.modules import QUANT_MODULES, REPORTED_TYPES, QuantModule
+from .recipe import QuantRecipe, RecipeError, Rule, parse_quant
+
+
+@dataclass
+class LayerRow:
+    """One Linear/Conv layer: quantized or not, which rule decided, and its bit widths."""
+
+    name: str
+    type: str
+    quantized: bool
+    rule: str
+    weight: str = "float"
+    activation: str = "float"
+    params: int = 0
+
+
+@dataclass
+class LayerReport:
+    """Every Linear/Conv layer in the model with its fate, plus totals that prove quantization is on."""
+
+    rows: list[LayerRow] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LayerRow]:
+        return [r for r in self.rows if r.quantized]
+
+    @property
+    def skipped(self) -> list[LayerRow]:
+        return [r for r in self.rows if not r.quantized]
+
+    def summary(self) -> str:
+        qp = sum(r.params for r in self.quantized)
+        tp = sum(r.params for r in self.rows) or 1
+        return (
+            f"{len(self.quantized)} of {len(self.rows)} layers quantized "
+            f"({qp:,} of {tp:,} layer parameters, {100 * qp / tp:.1f}%); {len(self.skipped)} left in float"
+        )
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "layers": [asdict(r) for r in self.rows]}
+
+    def to_markdown(self) -> str:
+        lines = ["| layer | type | quantized | weight | activation | params | decided by |", "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(
+                f"| `{r.name}` | {r.type} | {'yes' if r.quantized else 'no'} | {r.weight} | {r.activation} | {r.params:,} | {r.rule} |"
+            )
+        return "\n".join(lines)
+
+    def rich_table(self):
+        from rich.table import Table
+
+        t = Table(title="Layer report: " + self.summary())
+        for col in ("layer", "type", "quantized", "weight", "activation", "params", "decided by"):
+            t.add_column(col)
+        for r in self.rows:
+            mark = "[green]yes[/]" if r.quantized else "[dim]no[/]"
+            t.add_row(r.name, r.type, mark, r.weight, r.activation, f"{r.params:,}", r.rule)
+        return t
+
+
+def name_matches(name: str, patterns: list[str]) -> bool:
+    """Glob on the qualified module name, or a full-match regular expression with a ``re:`` prefix."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+def rule_matches(rule: Rule, name: str, module: nn.Module) -> bool:
+    if type(module) not in QUANT_MODULES:
+        return False
+    if rule.types and type(module).__name__ not in rule.types:
+        return False
+    if rule.match and not name_matches(name, rule.match):
+        return False
+    return not name_matches(name, rule.exclude)
+
+
+def _describe(spec_model) -> str:
+    if spec_model is None:
+        return "float"
+    s = spec_model
+    kind = "int" if s.signed else "uint"
+    gran = f"group{s.group_size}" if s.granularity == "group" else s.granularity
+    extra = ", lsq" if s.learnable else ("" if s.observer == "minmax" else f", {s.observer}")
+    return f"{kind}{s.bits} {gran}{extra}"
+
+
+def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerReport, dict[str, Rule]]:
+    """Decide, without changing the model, which layers each rule quantizes; errors on dead rules."""
+    recipe = parse_quant(recipe)
+    rules = recipe.resolved_rules()
+    decided: dict[str, Rule] = {}
+    report = LayerReport()
+    matched = [0] * len(rules)
+    won = [0] * len(rules)
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule):
+            raise RecipeError(f"model is already prepared (layer {name!r} is {type(m).__name__}); prepare a float model")
+        if not isinstance(m, REPORTED_TYPES):
+            continue
+        params = sum(p.numel() for p in m.parameters(recurse=False))
+        winner = None
+        for i, (label, rule) in enumerate(rules):
+            if rule_matches(rule, name, m):
+                matched[i] += 1
+                if winner is None:
+                    winner = i
+        if winner is None:
+            why = "no rule matches" if type(m) in QUANT_MODULES else f"no wrapper for {type(m).__name__}"
+            report.rows.append(LayerRow(name, type(m).__name__, False, why, params=params))
+            continue
+        won[winner] += 1
+        label, rule = rules[winner]
+        if rule.quantize and (rule.weight is not None or rule.activation is not None):
+            decided[name] = rule
+            report.rows.append(
+                LayerRow(name, type(m).__name__, True, label, _describe(rule.weight), _describe(rule.activation), params)
+            )
+        else:
+            report.rows.append(LayerRow(name, type(m).__name__, False, f"{label} (kept float)", params=params))
+    for i, (label, rule) in enumerate(rules):
+        if matched[i] == 0:
+            names = [r.name for r in report.rows][:12]
+            raise RecipeError(
+                f"{label} ({rule.describe()}) matches no layer; layers are: {', '.join(names) or 'none'}"
+            )
+        if won[i] == 0 and not label.startswith("preset"):
+            raise RecipeError(f"{label} ({rule.describe()}) only matches layers already taken by earlier rules")
+    return report, decided
+
+
+def prepare(model: nn.Module, recipe: QuantRecipe | dict | str) -> LayerReport:
+    """Swap the layers the recipe selects for quantized wrappers, in place; return the layer report.
+
+    ``recipe`` is a :class:`QuantRecipe`, its dict form, or a preset name such as ``"int8"``.
+    """
+    report, decided = plan(model, recipe)
+    for name, rule in decided.items():
+        parent_name, _, child = name.rpartition(".")
+        if not child:
+            raise RecipeError("the model itself is a single layer; wrap it in a container (e.g. nn.Sequential)")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        float_mod = getattr(parent, child)
+        wrapper = QUANT_MODULES[type(float_mod)].from_float(
+            float_mod,
+            rule.weight.to_spec() if rule.weight is not None else None,
+            rule.activation.to_spec() if rule.activation is not None else None,
+        )
+        setattr(parent, child, wrapper)
+    return report
+
+
+def unprepare(model: nn.Module) -> nn.Module:
+    """Put the float layers (with their current weights) back in place of every wrapper."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantModule) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, m.to_float())
+    return model
+
+
+def quant_status(model: nn.Module) -> dict:
+    """Counts that show whether fake quantization is really active: wrappers and switched-on quantizers."""
+    wrappers = [m for m in model.modules() if isinstance(m, QuantModule)]
+    qs = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+    return {
+        "wrappers": len(wrappers),
+        "quantizers": len(qs),
+        "fake_quant_on": sum(bool(q.fake_quant_on) for q in qs),
+        "observing": sum(bool(q.observer_on) for q in qs),
+    }

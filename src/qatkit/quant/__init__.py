@@ -1,0 +1,25 @@
+"""Pure quantizer math: functions on tensors, no modules and no recipes."""
+
+from .affine import (
+    dequantize_int,
+    fake_quantize,
+    lsq_fake_quantize,
+    lsq_grad_factor,
+    qparams_from_range,
+    quantize_to_int,
+)
+from .observers import OBSERVERS, observe
+from .spec import QuantSpec, qrange
+
+__all__ = [
+    "OBSERVERS",
+    "QuantSpec",
+    "dequantize_int",
+    "fake_quantize",
+    "lsq_fake_quantize",
+    "lsq_grad_factor",
+    "observe",
+    "qparams_from_range",
+    "qrange",
+    "quantize_to_int",
+]

@@ -1,0 +1,7 @@
+"""Training: the loop, LR schedules and metrics."""
+
+from .loop import FitResult, evaluate, fit, make_loader, predict
+from .metrics import agreement, classification_metrics
+from .schedules import SCHEDULES
+
+__all__ = ["FitResult", "SCHEDULES", "agreement", "classification_metrics", "evaluate", "fit", "make_loader", "predict"]
