@@ -1,9 +1,9 @@
 """qatkit: quantization-aware training for PyTorch, from float baseline to a verified int8 file.
 
-    report = qatkit.prepare(model, "int8")      # swap layers, see what was quantized
-    qatkit.calibrate(model, loader, 8)          # PTQ: observe activation ranges
-    ...train as usual...                        # QAT: fake quantization is on
-    qatkit.export_onnx(model, example, "m.onnx")
+report = qatkit.prepare(model, "int8")      # swap layers, see what was quantized
+qatkit.calibrate(model, loader, 8)          # PTQ: observe activation ranges
+...train as usual...                        # QAT: fake quantization is on
+qatkit.export_onnx(model, example, "m.onnx")
 """
 
 from .prepare import LayerReport, prepare, quant_status, unprepare

@@ -13,9 +13,15 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="qatkit: quantization-aware training from float baseline to verified int8 files.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="qatkit: quantization-aware training from float baseline to verified int8 files.",
+)
 console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough that tables do not wrap
+    console.width = 160
 err_console = Console(stderr=True)
 STATE = {"debug": False}
 DEFAULT_RECIPE = "digits_mlp"
@@ -37,8 +43,9 @@ def resolve_recipe(name_or_path: str | None) -> Path:
     bundled = bundled_recipes()
     if name_or_path in bundled:
         return bundled[name_or_path]
-    raise FileNotFoundError(f"no recipe file {name_or_path!r} and no bundled recipe of that name "
-                            f"(bundled: {', '.join(sorted(bundled))})")
+    raise FileNotFoundError(
+        f"no recipe file {name_or_path!r} and no bundled recipe of that name (bundled: {', '.join(sorted(bundled))})"
+    )
 
 
 @app.callback()
@@ -118,8 +125,11 @@ def main() -> None:
             sys.exit(1)
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
+        err_console.print(
+            f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)
 
 

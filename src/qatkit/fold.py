@@ -38,7 +38,7 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
         if not isinstance(seq, nn.Sequential):
             continue
         children = list(seq.named_children())
-        for (_, a), (b_name, b) in zip(children, children[1:]):
+        for (_, a), (b_name, b) in zip(children, children[1:], strict=False):
             if any(type(a) is la and type(b) is lb for la, lb in _PAIRS) and b.track_running_stats:
                 fold_into(a, b)
                 setattr(seq, b_name, nn.Identity())

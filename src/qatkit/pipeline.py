@@ -63,8 +63,19 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         ws = warm_start(fp32, recipe.fp32.checkpoint, strict=True)
         console.print(ws.summary())
     else:
-        res = fit(fp32, data.train, data.val, recipe.fp32.train, num_classes=nc, batch_size=bs, seed=recipe.seed,
-                  num_workers=recipe.data.num_workers, log_path=out / "fp32_train.csv", desc="fp32", progress=progress)
+        res = fit(
+            fp32,
+            data.train,
+            data.val,
+            recipe.fp32.train,
+            num_classes=nc,
+            batch_size=bs,
+            seed=recipe.seed,
+            num_workers=recipe.data.num_workers,
+            log_path=out / "fp32_train.csv",
+            desc="fp32",
+            progress=progress,
+        )
         report.training["fp32"] = {"epochs": len(res.history), "best_epoch": res.best_epoch, "seconds": res.seconds}
     folded = fold_batchnorm(fp32) if recipe.fp32.fold_batchnorm else []
     if folded:
@@ -90,7 +101,12 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         report.add(Row(v.name, "ptq", "pytorch", m, status=quant_status(ptq_model)))
         console.print(f"PTQ test accuracy {m['accuracy']:.4f}, NLL {m['loss']:.4f}")
         if recipe.export.onnx:
-            onnx_files[f"{v.name}/ptq"] = (export_onnx(ptq_model, x_test[:2], out / f"{v.name}_ptq.onnx"), ptq_logits, v.name, "ptq")
+            onnx_files[f"{v.name}/ptq"] = (
+                export_onnx(ptq_model, x_test[:2], out / f"{v.name}_ptq.onnx"),
+                ptq_logits,
+                v.name,
+                "ptq",
+            )
         if v.qat is None:
             continue
         qat_model, ws = _warm_started(new_model, recipe, v, ckpt)
@@ -101,16 +117,37 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         if status["fake_quant_on"] == 0:
             raise RuntimeError(f"variant {v.name}: QAT requested but no fake quantizer is active")
         console.print(f"QAT active: {status['fake_quant_on']} fake quantizers on {status['wrappers']} layers")
-        res = fit(qat_model, data.train, data.val, v.qat, num_classes=nc, batch_size=bs, seed=recipe.seed,
-                  num_workers=recipe.data.num_workers, log_path=out / f"{v.name}_qat_train.csv", desc=f"{v.name} qat",
-                  progress=progress)
-        report.training[f"{v.name}/qat"] = {"epochs": len(res.history), "best_epoch": res.best_epoch, "seconds": res.seconds}
-        qckpt = save_weights(out / f"{v.name}_qat.safetensors", qat_model.state_dict(), dict(fingerprint, stage=f"{v.name}/qat"))
+        res = fit(
+            qat_model,
+            data.train,
+            data.val,
+            v.qat,
+            num_classes=nc,
+            batch_size=bs,
+            seed=recipe.seed,
+            num_workers=recipe.data.num_workers,
+            log_path=out / f"{v.name}_qat_train.csv",
+            desc=f"{v.name} qat",
+            progress=progress,
+        )
+        report.training[f"{v.name}/qat"] = {
+            "epochs": len(res.history),
+            "best_epoch": res.best_epoch,
+            "seconds": res.seconds,
+        }
+        qckpt = save_weights(
+            out / f"{v.name}_qat.safetensors", qat_model.state_dict(), dict(fingerprint, stage=f"{v.name}/qat")
+        )
         m, qat_logits = evaluate_torch(qat_model)
         report.add(Row(v.name, "qat", "pytorch", m, size_bytes=qckpt.stat().st_size, status=quant_status(qat_model)))
         console.print(f"QAT test accuracy {m['accuracy']:.4f}, NLL {m['loss']:.4f}")
         if recipe.export.onnx:
-            onnx_files[f"{v.name}/qat"] = (export_onnx(qat_model, x_test[:2], out / f"{v.name}_qat.onnx"), qat_logits, v.name, "qat")
+            onnx_files[f"{v.name}/qat"] = (
+                export_onnx(qat_model, x_test[:2], out / f"{v.name}_qat.onnx"),
+                qat_logits,
+                v.name,
+                "qat",
+            )
 
     # ---- verify every exported file in ONNX Runtime ---------------------------------------------
     if onnx_files:
@@ -141,8 +178,15 @@ def _verify_onnx(files: dict, data, nc: int, recipe: Recipe, report: Report) -> 
         sessions[key] = sess
         logits = torch.from_numpy(verify.run(sess, x))
         metrics = classification_metrics(logits, y, nc)
-        row = Row(variant, stage, "onnxruntime", metrics, size_bytes=verify.file_size(path),
-                  agreement=agreement(logits.numpy(), torch_logits.numpy()), file=path.name)
+        row = Row(
+            variant,
+            stage,
+            "onnxruntime",
+            metrics,
+            size_bytes=verify.file_size(path),
+            agreement=agreement(logits.numpy(), torch_logits.numpy()),
+            file=path.name,
+        )
         if stage != "fp32":
             row.fused_ops = verify.fused_int8_ops(path)
         report.add(row)

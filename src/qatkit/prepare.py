@@ -52,7 +52,10 @@ class LayerReport:
         return {"summary": self.summary(), "layers": [asdict(r) for r in self.rows]}
 
     def to_markdown(self) -> str:
-        lines = ["| layer | type | quantized | weight | activation | params | decided by |", "|---|---|---|---|---|---|---|"]
+        lines = [
+            "| layer | type | quantized | weight | activation | params | decided by |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in self.rows:
             lines.append(
                 f"| `{r.name}` | {r.type} | {'yes' if r.quantized else 'no'} | {r.weight} | {r.activation} | {r.params:,} | {r.rule} |"
@@ -112,12 +115,14 @@ def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerRepor
     won = [0] * len(rules)
     for name, m in model.named_modules():
         if isinstance(m, QuantModule):
-            raise RecipeError(f"model is already prepared (layer {name!r} is {type(m).__name__}); prepare a float model")
+            raise RecipeError(
+                f"model is already prepared (layer {name!r} is {type(m).__name__}); prepare a float model"
+            )
         if not isinstance(m, REPORTED_TYPES):
             continue
         params = sum(p.numel() for p in m.parameters(recurse=False))
         winner = None
-        for i, (label, rule) in enumerate(rules):
+        for i, (_, rule) in enumerate(rules):
             if rule_matches(rule, name, m):
                 matched[i] += 1
                 if winner is None:
@@ -131,16 +136,16 @@ def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerRepor
         if rule.quantize and (rule.weight is not None or rule.activation is not None):
             decided[name] = rule
             report.rows.append(
-                LayerRow(name, type(m).__name__, True, label, _describe(rule.weight), _describe(rule.activation), params)
+                LayerRow(
+                    name, type(m).__name__, True, label, _describe(rule.weight), _describe(rule.activation), params
+                )
             )
         else:
             report.rows.append(LayerRow(name, type(m).__name__, False, f"{label} (kept float)", params=params))
     for i, (label, rule) in enumerate(rules):
         if matched[i] == 0:
             names = [r.name for r in report.rows][:12]
-            raise RecipeError(
-                f"{label} ({rule.describe()}) matches no layer; layers are: {', '.join(names) or 'none'}"
-            )
+            raise RecipeError(f"{label} ({rule.describe()}) matches no layer; layers are: {', '.join(names) or 'none'}")
         if won[i] == 0 and not label.startswith("preset"):
             raise RecipeError(f"{label} ({rule.describe()}) only matches layers already taken by earlier rules")
     return report, decided

@@ -8,22 +8,42 @@ W8 = {"bits": 8, "granularity": "channel"}
 A8 = {"bits": 8}
 
 ATTENTION_PATTERNS = [
-    "*q_proj", "*k_proj", "*v_proj", "*o_proj", "*out_proj", "*qkv*", "*attn*", "*attention*",
-    "*query", "*key", "*value",
+    "*q_proj",
+    "*k_proj",
+    "*v_proj",
+    "*o_proj",
+    "*out_proj",
+    "*qkv*",
+    "*attn*",
+    "*attention*",
+    "*query",
+    "*key",
+    "*value",
 ]
 """Names of attention projections. ``ffn-only`` never quantizes these (seed 000's collapse)."""
 
 FFN_PATTERNS = [
-    "fc1", "*.fc1", "fc2", "*.fc2",
-    "*intermediate.dense", "*.output.dense",
-    "*gate_proj", "*up_proj", "*down_proj",
-    "mlp.*", "*.mlp.*", "*ffn*", "*feed_forward*",
+    "fc1",
+    "*.fc1",
+    "fc2",
+    "*.fc2",
+    "*intermediate.dense",
+    "*.output.dense",
+    "*gate_proj",
+    "*up_proj",
+    "*down_proj",
+    "mlp.*",
+    "*.mlp.*",
+    "*ffn*",
+    "*feed_forward*",
 ]
 """Transformer feed-forward layers across common naming schemes (fairseq/BART, BERT, Llama/Qwen, timm)."""
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "int8": [{"types": ["Linear", "Conv1d", "Conv2d"], "weight": W8, "activation": A8}],
-    "w4a8": [{"types": ["Linear", "Conv1d", "Conv2d"], "weight": {"bits": 4, "granularity": "channel"}, "activation": A8}],
+    "w4a8": [
+        {"types": ["Linear", "Conv1d", "Conv2d"], "weight": {"bits": 4, "granularity": "channel"}, "activation": A8}
+    ],
     "w8": [{"types": ["Linear", "Conv1d", "Conv2d"], "weight": W8, "activation": None}],
     "ffn-only": [
         {"match": FFN_PATTERNS, "exclude": ATTENTION_PATTERNS, "types": ["Linear"], "weight": W8, "activation": A8},

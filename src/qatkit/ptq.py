@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -62,4 +62,3 @@ def quantizer_stats(model: nn.Module) -> dict[str, dict[str, float]]:
     for name, q in iter_quantizers(model):
         out[name] = {"scale_mean": float(q.scale.detach().mean()), "bits": q.spec.bits}
     return out
-

@@ -48,7 +48,7 @@ class TensorQuant(Strict):
         return _one_of(v, OBSERVERS, "observer")
 
     @model_validator(mode="after")
-    def _group(self) -> "TensorQuant":
+    def _group(self) -> TensorQuant:
         if self.granularity == "group" and self.group_size == 0:
             raise ValueError("granularity 'group' needs group_size > 0")
         if self.narrow_range and not self.signed:
@@ -130,7 +130,7 @@ class QuantRecipe(Strict):
         return None if v is None else _one_of(v, PRESETS, "preset")
 
     @model_validator(mode="after")
-    def _nonempty(self) -> "QuantRecipe":
+    def _nonempty(self) -> QuantRecipe:
         if self.preset is None and not self.rules:
             raise ValueError(f"give a preset ({', '.join(sorted(PRESETS))}) or at least one rule")
         return self

@@ -54,22 +54,36 @@ class Report:
         for v in self.layers:
             ptq, qat = self.find(v, "ptq", "pytorch"), self.find(v, "qat", "pytorch")
             if ptq and qat:
-                out.append(_check(f"{v}: QAT accuracy - PTQ accuracy", qat.metrics["accuracy"] - ptq.metrics["accuracy"]))
+                out.append(
+                    _check(f"{v}: QAT accuracy - PTQ accuracy", qat.metrics["accuracy"] - ptq.metrics["accuracy"])
+                )
             if fp32 and qat:
-                out.append(_check(f"{v}: QAT accuracy - FP32 accuracy", qat.metrics["accuracy"] - fp32.metrics["accuracy"]))
+                out.append(
+                    _check(f"{v}: QAT accuracy - FP32 accuracy", qat.metrics["accuracy"] - fp32.metrics["accuracy"])
+                )
             for stage in ("ptq", "qat"):
                 src, onnx = self.find(v, stage, "pytorch"), self.find(v, stage, "onnxruntime")
                 if src and onnx:
-                    out.append(_check(f"{v}: ONNX {stage} accuracy - PyTorch {stage} accuracy",
-                                      onnx.metrics["accuracy"] - src.metrics["accuracy"]))
+                    out.append(
+                        _check(
+                            f"{v}: ONNX {stage} accuracy - PyTorch {stage} accuracy",
+                            onnx.metrics["accuracy"] - src.metrics["accuracy"],
+                        )
+                    )
                     out.append(_check(f"{v}: ONNX {stage} top-1 agreement with PyTorch", onnx.agreement, "share"))
         return out
 
     def to_dict(self) -> dict:
         return {
-            "recipe": self.recipe, "data": self.data, "class_names": self.class_names,
-            "rows": [asdict(r) for r in self.rows], "checks": self.checks(), "layers": self.layers,
-            "warm_start": self.warm_start, "training": self.training, "seconds": self.seconds,
+            "recipe": self.recipe,
+            "data": self.data,
+            "class_names": self.class_names,
+            "rows": [asdict(r) for r in self.rows],
+            "checks": self.checks(),
+            "layers": self.layers,
+            "warm_start": self.warm_start,
+            "training": self.training,
+            "seconds": self.seconds,
         }
 
     def write(self, out: Path) -> None:
@@ -90,26 +104,59 @@ class Report:
                 base = float_onnx.latency_ms.get(b) if float_onnx else None
                 ratio = f" ({ms / base:.2f}x)" if base and r is not float_onnx else ""
                 lat.append(f"b{b}: {ms:.3f} ms{ratio}")
-            recall = " ".join(f"{x:.2f}" for x in m["per_class_recall"]) if full else f"{min(m['per_class_recall']):.2f}"
-            rows.append([
-                r.label, r.runtime, f"{100 * m['accuracy']:.2f}", f"{m['loss']:.4f}", f"{100 * m['macro_f1']:.2f}",
-                recall, size, "" if r.agreement is None else f"{100 * r.agreement:.2f}", "; ".join(lat),
-            ])
+            recall = (
+                " ".join(f"{x:.2f}" for x in m["per_class_recall"]) if full else f"{min(m['per_class_recall']):.2f}"
+            )
+            rows.append(
+                [
+                    r.label,
+                    r.runtime,
+                    f"{100 * m['accuracy']:.2f}",
+                    f"{m['loss']:.4f}",
+                    f"{100 * m['macro_f1']:.2f}",
+                    recall,
+                    size,
+                    "" if r.agreement is None else f"{100 * r.agreement:.2f}",
+                    "; ".join(lat),
+                ]
+            )
         return rows
 
-    HEADER = ["stage", "runtime", "accuracy %", "test NLL", "macro-F1 %", "per-class recall", "size", "top-1 agree %",
-              "latency (vs fp32 ONNX)"]
+    HEADER = [
+        "stage",
+        "runtime",
+        "accuracy %",
+        "test NLL",
+        "macro-F1 %",
+        "per-class recall",
+        "size",
+        "top-1 agree %",
+        "latency (vs fp32 ONNX)",
+    ]
 
     def to_markdown(self) -> str:
         name = self.recipe.get("name", "run")
-        lines = [f"# qatkit report: {name}", "", self.recipe.get("description", "").strip(), "",
-                 f"Data: {self.data}. Classes (recall order): {', '.join(self.class_names)}.", "",
-                 "| " + " | ".join(self.HEADER) + " |", "|" + "---|" * len(self.HEADER)]
+        lines = [
+            f"# qatkit report: {name}",
+            "",
+            self.recipe.get("description", "").strip(),
+            "",
+            f"Data: {self.data}. Classes (recall order): {', '.join(self.class_names)}.",
+            "",
+            "| " + " | ".join(self.HEADER) + " |",
+            "|" + "---|" * len(self.HEADER),
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in self._table_rows()]
-        lines += ["", "Sizes: PyTorch rows are the safetensors checkpoint (fake-quant weights are still float); ONNX rows "
-                  "are the exported file, ratio to the float ONNX file. Latency: ONNX Runtime CPU, median of interleaved "
-                  "rounds, ratio to the float ONNX file. Agreement: share of test inputs whose top-1 class matches the "
-                  "PyTorch model the file was exported from.", "", "## Checks", ""]
+        lines += [
+            "",
+            "Sizes: PyTorch rows are the safetensors checkpoint (fake-quant weights are still float); ONNX rows "
+            "are the exported file, ratio to the float ONNX file. Latency: ONNX Runtime CPU, median of interleaved "
+            "rounds, ratio to the float ONNX file. Agreement: share of test inputs whose top-1 class matches the "
+            "PyTorch model the file was exported from.",
+            "",
+            "## Checks",
+            "",
+        ]
         for c in self.checks():
             value = f"{100 * c['value']:.2f}%" if c["kind"] == "share" else f"{100 * c['value']:+.2f} points"
             lines.append(f"- {c['name']}: {value}")
@@ -119,10 +166,15 @@ class Report:
             lines += [f"- {label}: {ops or 'none (runs in float)'}" for label, ops in fused]
         for v, layer in self.layers.items():
             lines += ["", f"## Layers: {v}", "", layer["summary"], ""]
-            lines += ["| layer | type | quantized | weight | activation | params | decided by |", "|---|---|---|---|---|---|---|"]
+            lines += [
+                "| layer | type | quantized | weight | activation | params | decided by |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for r in layer["layers"]:
-                lines.append(f"| `{r['name']}` | {r['type']} | {'yes' if r['quantized'] else 'no'} | {r['weight']} | "
-                             f"{r['activation']} | {r['params']:,} | {r['rule']} |")
+                lines.append(
+                    f"| `{r['name']}` | {r['type']} | {'yes' if r['quantized'] else 'no'} | {r['weight']} | "
+                    f"{r['activation']} | {r['params']:,} | {r['rule']} |"
+                )
             if v in self.warm_start:
                 lines += ["", self.warm_start[v]["summary"]]
         lines += ["", f"Total run time: {self.seconds:.1f} s."]

@@ -6,9 +6,9 @@ and licence are in ``DATA_SOURCES.md`` beside this file. digits and breast_cance
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Callable
 
 import numpy as np
 import torch

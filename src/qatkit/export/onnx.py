@@ -31,8 +31,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, dynam
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     with _quiet():
         torch.onnx.export(
-            m, (example,), str(path), dynamo=True, external_data=False, dynamic_shapes=shapes,
-            input_names=["input"], output_names=["logits"], verbose=False,
+            m,
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=shapes,
+            input_names=["input"],
+            output_names=["logits"],
+            verbose=False,
         )
     m.train(was_training)
     strip_debug_info(path)
@@ -63,5 +70,5 @@ def _quiet():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lv in zip(loggers, levels):
+        for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)

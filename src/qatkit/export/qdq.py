@@ -2,7 +2,8 @@
 
 Weights become integer initializers (int8 storage, any 2-8 bit grid) plus a dequantize; layer inputs get a
 quantize/dequantize pair with constant scale and zero point. ONNX Runtime fuses DQ -> MatMul/Conv -> Q into
-int8 kernels. Per-group weights dequantize with plain arithmetic (ONNX has no per-group Q/DQ before opset 21).
+int8 kernels. Per-group weights are stored one group per row and dequantized per row, then reshaped: they
+stay int8 on disk but the matmul runs in float (ONNX has no blocked Q/DQ before opset 21).
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ class QDQWeight(nn.Module):
         super().__init__()
         spec = fq.spec
         self.qmin, self.qmax, self.ch_axis, self.group = spec.qmin, spec.qmax, fq.ch_axis, fq.group_size
-        codes = quantize_to_int(weight.detach(), fq.scale.detach(), fq.zero_point, spec.qmin, spec.qmax, fq.ch_axis, fq.group_size)
+        codes = quantize_to_int(
+            weight.detach(), fq.scale.detach(), fq.zero_point, spec.qmin, spec.qmax, fq.ch_axis, fq.group_size
+        )
+        if self.group:  # one row per group, so a per-row DequantizeLinear does per-group scaling
+            codes = codes.reshape(-1, self.group)
         self.register_buffer("codes", codes.to(torch.int8))
         self.register_buffer("scale", fq.scale.detach().clone().float())
         self.register_buffer("zero_point", fq.zero_point.detach().clone().to(torch.int64))
@@ -36,8 +41,10 @@ class QDQWeight(nn.Module):
 
     def forward(self) -> torch.Tensor:
         if self.group:
-            g = self.codes.reshape(-1, self.group).float() - self.zero_point.float()[:, None]
-            return (g * self.scale[:, None]).reshape(self.shape)
+            rows = qd.dequantize_per_channel(
+                self.codes, self.scale, self.zero_point, 0, self.qmin, self.qmax, torch.int8
+            )
+            return rows.reshape(self.shape)
         if self.ch_axis is None:
             return qd.dequantize_per_tensor(
                 self.codes, float(self.scale), int(self.zero_point), self.qmin, self.qmax, torch.int8
@@ -60,7 +67,9 @@ class QDQInput(nn.Module):
         full = (0, 255) if self.dtype == torch.uint8 else (-128, 127)
         narrower = (self.qmin, self.qmax) != full
         self.clamp = (
-            ((self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale) if narrower else None
+            ((self.qmin - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale)
+            if narrower
+            else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

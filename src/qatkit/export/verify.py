@@ -12,8 +12,16 @@ from pathlib import Path
 import numpy as np
 
 INT8_KERNELS = {
-    "QGemm", "QLinearMatMul", "QLinearConv", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
-    "QLinearAdd", "QLinearMul", "DynamicQuantizeMatMul", "QAttention",
+    "QGemm",
+    "QLinearMatMul",
+    "QLinearConv",
+    "MatMulInteger",
+    "ConvInteger",
+    "MatMulIntegerToFloat",
+    "QLinearAdd",
+    "QLinearMul",
+    "DynamicQuantizeMatMul",
+    "QAttention",
 }
 """ORT op types that compute in integers (what QDQ fusion should produce)."""
 

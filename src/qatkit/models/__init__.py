@@ -6,7 +6,7 @@ Every builder takes the data's ``input_shape`` and ``num_classes`` plus the reci
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -15,11 +15,13 @@ from torch import nn
 class MLP(nn.Module):
     """Flatten -> [Linear -> ReLU] * n -> Linear."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: list[int] = (256, 128), dropout: float = 0.0):
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, hidden: list[int] = (256, 128), dropout: float = 0.0
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
-        for i, h in enumerate(hidden):
+        for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             if dropout:
                 layers.append(nn.Dropout(dropout))
@@ -83,7 +85,9 @@ class EncoderLayer(nn.Module):
         def split(z: torch.Tensor) -> torch.Tensor:
             return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
 
-        att = nn.functional.scaled_dot_product_attention(split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h)))
+        att = nn.functional.scaled_dot_product_attention(
+            split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
+        )
         x = x + self.out_proj(att.transpose(1, 2).reshape(b, t, d))
         return x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
 
@@ -91,7 +95,15 @@ class EncoderLayer(nn.Module):
 class TinyTransformer(nn.Module):
     """Sequence classifier over (channels, steps) inputs: per-step embedding, encoder layers, mean pool."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, dim: int = 32, heads: int = 4, ffn: int = 64, layers: int = 2):
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        dim: int = 32,
+        heads: int = 4,
+        ffn: int = 64,
+        layers: int = 2,
+    ):
         super().__init__()
         channels, steps = input_shape[0], int(math.prod(input_shape[1:]))
         self.embed = nn.Linear(channels, dim)

@@ -100,7 +100,6 @@ class FakeQuantizer(nn.Module):
 
     def clipped_fraction(self, x: torch.Tensor) -> float:
         """Share of ``x``'s values that fall outside the representable range (a health statistic)."""
-        from ..quant.affine import _broadcast
 
         s = broadcast_param(x, self.scale.detach(), self.ch_axis, self.group_size)
         zp = broadcast_param(x, self.zero_point.float(), self.ch_axis, self.group_size)

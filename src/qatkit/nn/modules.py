@@ -27,9 +27,7 @@ class QuantModule:
     input_quant: FakeQuantizer | None
 
     @classmethod
-    def from_float(
-        cls, module: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None
-    ) -> "QuantModule":
+    def from_float(cls, module: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None) -> QuantModule:
         """Wrap ``module`` (sharing its parameters); ``None`` leaves that tensor in float."""
         q = cls.__new__(cls)
         q.__dict__ = _clone_module_dict(module)

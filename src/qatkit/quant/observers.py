@@ -6,8 +6,8 @@ running range, so new observers are added by registering, not by editing an ``if
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

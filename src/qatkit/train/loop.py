@@ -35,7 +35,11 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_
     """A DataLoader whose shuffling depends only on ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers,
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=g,
+        num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
 
@@ -128,14 +132,17 @@ def fit(
             optimizer.step()
             scheduler.step()
             step += 1
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             n += len(y)
             norm_sum += grad_norm
             norm_max = max(norm_max, grad_norm)
-            bar.advance(loss=float(loss), lr=optimizer.param_groups[0]["lr"])
+            bar.advance(loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"])
         row = {
-            "epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / max(n, 1), "grad_norm_mean": norm_sum / max(steps_per_epoch, 1),
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(n, 1),
+            "grad_norm_mean": norm_sum / max(steps_per_epoch, 1),
             "grad_norm_max": norm_max,
         }
         if val_loader is not None:
@@ -143,7 +150,11 @@ def fit(
             row.update({"val_accuracy": m["accuracy"], "val_loss": m["loss"], "val_macro_f1": m["macro_f1"]})
             s = score(m, cfg.monitor)
             min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
-            if best_score is None or s[0] > best_score[0] + min_delta or (s[0] == best_score[0] and s[1] > best_score[1]):
+            if (
+                best_score is None
+                or s[0] > best_score[0] + min_delta
+                or (s[0] == best_score[0] and s[1] > best_score[1])
+            ):
                 best_state, best_score, bad_epochs = copy.deepcopy(model.state_dict()), s, 0
                 result.best_epoch, result.best_metrics = epoch + 1, m
             else:
@@ -194,8 +205,12 @@ class _Bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"), transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            transient=True,
         )
         self.progress.start()
         self.task = self.progress.add_task(desc, total=total, info="")

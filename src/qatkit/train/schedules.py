@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 Schedule = Callable[[int, int, int, float, float, float], float]
 """(step, total_steps, warmup_steps, base_lr, end_lr, power) -> multiplier of base_lr."""

@@ -1,0 +1,72 @@
+"""The command line, run as a user would: a tiny recipe end to end, and errors as one readable line."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+TINY = {
+    "name": "tiny",
+    "data": {"name": "digits", "batch_size": 64},
+    "model": {"name": "mlp", "args": {"hidden": [32]}},
+    "fp32": {"train": {"epochs": 2, "lr": 0.003}},
+    "variants": [
+        {"name": "w4a8", "quant": {"preset": "w4a8"}, "ptq": {"calib_batches": 2}, "qat": {"epochs": 1, "lr": 0.0005}}
+    ],
+    "export": {"latency_seconds": 0.05},
+}
+
+
+def qatkit(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qatkit", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_run_tiny_recipe_writes_report(tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    r = qatkit("run", str(recipe), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    stages = {(row["variant"], row["stage"], row["runtime"]) for row in report["rows"]}
+    assert stages == {
+        ("fp32", "fp32", "pytorch"),
+        ("fp32", "fp32", "onnxruntime"),
+        ("w4a8", "ptq", "pytorch"),
+        ("w4a8", "qat", "pytorch"),
+        ("w4a8", "ptq", "onnxruntime"),
+        ("w4a8", "qat", "onnxruntime"),
+    }
+    for name in ("fp32.safetensors", "w4a8_qat.safetensors", "w4a8_qat.onnx", "report.md", "fp32_train.csv"):
+        assert (out / name).is_file()
+    qat_onnx = next(r for r in report["rows"] if r["stage"] == "qat" and r["runtime"] == "onnxruntime")
+    assert qat_onnx["agreement"] >= 0.99 and qat_onnx["fused_ops"]
+    assert set(qat_onnx["latency_ms"]) == {"1", "64"}
+    md = (out / "report.md").read_text()
+    assert "| w4a8 qat | onnxruntime |" in md and "## Layers: w4a8" in md
+    assert report["warm_start"]["w4a8"]["mismatched"] == []
+
+
+def test_layers_command_prints_report():
+    r = qatkit("layers", "digits_mlp")
+    assert r.returncode == 0, r.stderr
+    assert "3 of 3 layers quantized" in r.stdout and "int2 channel" in r.stdout
+
+
+def test_bad_recipe_is_one_line_without_traceback(tmp_path):
+    bad = dict(TINY, variants=[{"name": "a", "quant": {"preset": "int8"}, "qat": {"epochs": 1, "lr": -1}}])
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump(bad))
+    r = qatkit("run", str(recipe))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    assert "variants[0].qat.lr" in r.stderr and "greater than 0" in r.stderr
+    r = qatkit("--debug", "run", str(recipe))
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_missing_recipe_names_bundled_ones():
+    r = qatkit("run", "no_such_recipe")
+    assert r.returncode == 2 and "bundled: basic_motions_cnn, digits_mlp" in r.stderr

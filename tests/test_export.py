@@ -1,0 +1,107 @@
+"""ONNX export: runs in ONNX Runtime, agrees with the QAT model, stores int8 weights, fuses int8 kernels."""
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qatkit import calibrate, prepare
+from qatkit.data import load_basic_motions, load_digits
+from qatkit.export import verify
+from qatkit.export.onnx import export_onnx
+from qatkit.fold import fold_batchnorm
+from qatkit.models import MLP, CNN1d
+from qatkit.recipe import TrainConfig
+from qatkit.train import fit, make_loader, predict
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(0.15, 0)
+
+
+@pytest.fixture(scope="module")
+def qat_mlp(digits):
+    torch.manual_seed(0)
+    model = MLP(digits.input_shape, 10, hidden=[256, 128])
+    fit(model, digits.train, None, TrainConfig(epochs=3, lr=2e-3), num_classes=10, batch_size=64, progress=False)
+    float_model = copy.deepcopy(model)
+    prepare(model, "int8")
+    calibrate(model, make_loader(digits.train, 64, True), 4)
+    fit(model, digits.train, None, TrainConfig(epochs=1, lr=1e-4), num_classes=10, batch_size=64, progress=False)
+    return float_model, model
+
+
+def test_int8_export_agrees_with_qat_model_and_is_small(qat_mlp, digits, tmp_path):
+    float_model, qat = qat_mlp
+    x = digits.test.tensors[0]
+    fpath = export_onnx(float_model, x[:2], tmp_path / "f.onnx")
+    qpath = export_onnx(qat, x[:2], tmp_path / "q.onnx")
+    logits = verify.run(verify.session(qpath), x.numpy())
+    ref, _ = predict(qat, make_loader(digits.test, 256, False))
+    agree = (logits.argmax(1) == ref.numpy().argmax(1)).mean()
+    assert agree >= 0.99
+    assert np.abs(logits - ref.numpy()).max() < 0.05
+    assert verify.file_size(qpath) <= 0.3 * verify.file_size(fpath)
+    weights = [i for i in onnx.load(str(qpath)).graph.initializer if "codes" in i.name]
+    assert len(weights) == 3 and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+
+
+def test_ort_fuses_int8_kernels_and_batch_is_dynamic(qat_mlp, digits, tmp_path):
+    _, qat = qat_mlp
+    qpath = export_onnx(qat, digits.test.tensors[0][:2], tmp_path / "q.onnx")
+    fused = verify.fused_int8_ops(qpath)
+    assert fused.get("QGemm", 0) + fused.get("QLinearMatMul", 0) >= 2
+    sess = verify.session(qpath)
+    for b in (1, 7, 64):
+        assert verify.run(sess, digits.test.tensors[0][:b].numpy()).shape == (b, 10)
+
+
+def test_conv1d_with_folded_batchnorm_exports_to_qlinearconv(tmp_path):
+    data = load_basic_motions(0.0, 0)
+    torch.manual_seed(0)
+    model = CNN1d(data.input_shape, 4)
+    fit(model, data.train, None, TrainConfig(epochs=2, lr=3e-3), num_classes=4, batch_size=8, progress=False)
+    model.eval()
+    x = data.test.tensors[0]
+    before = model(x)
+    assert fold_batchnorm(model) == ["features.1", "features.4"]
+    assert torch.allclose(model(x), before, atol=1e-4)
+    prepare(model, "int8")
+    calibrate(model, make_loader(data.train, 8, True), 5)
+    qpath = export_onnx(model, x[:2], tmp_path / "c.onnx")
+    # conv 1 feeds conv 2's input quantizer and fuses; conv 2 feeds global pooling (no Q after it) and
+    # stays DQ -> Conv in float, as does the logits layer.
+    assert verify.fused_int8_ops(qpath).get("QLinearConv", 0) == 1
+    logits = verify.run(verify.session(qpath), x.numpy())
+    ref = model(x).detach().numpy()
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.99
+
+
+def test_low_bit_and_group_weights_export_exactly(tmp_path, digits):
+    torch.manual_seed(0)
+    model = MLP(digits.input_shape, 10, hidden=[64])
+    recipe = {
+        "rules": [
+            {
+                "match": "net.1",
+                "weight": {"bits": 4, "granularity": "group", "group_size": 16},
+                "activation": {"bits": 4},
+            },
+            {"match": "net.3", "weight": {"bits": 2, "learnable": True}, "activation": {"bits": 8}},
+        ]
+    }
+    prepare(model, recipe)
+    calibrate(model, make_loader(digits.train, 64, True), 2)
+    x = digits.test.tensors[0]
+    path = export_onnx(model, x[:2], tmp_path / "g.onnx")
+    logits = verify.run(verify.session(path), x.numpy())
+    ref = model(x).detach().numpy()
+    # ORT rounds x / scale, PyTorch x * (1 / scale): a rare input lands one step apart, nothing more.
+    assert np.abs(logits - ref).max() < 0.02
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    codes = [i for i in onnx.load(str(path)).graph.initializer if "codes" in i.name]
+    q = onnx.numpy_helper.to_array(codes[1])
+    assert q.dtype == np.int8 and q.min() >= -2 and q.max() <= 1

@@ -1,0 +1,102 @@
+"""prepare(): selective quantization, the layer report, state in state_dict, and round trips."""
+
+import pytest
+import torch
+
+from qatkit import RecipeError, calibrate, prepare, quant_status, set_fake_quant, unprepare
+from qatkit.nn import FakeQuantizer, QuantLinear
+
+
+def test_ffn_only_quantizes_exactly_the_ffn_linears(tiny_transformer):
+    report = prepare(tiny_transformer, "ffn-only")
+    quantized = {r.name for r in report.quantized}
+    assert quantized == {f"layers.{i}.{fc}" for i in range(2) for fc in ("fc1", "fc2")}
+    skipped = {r.name for r in report.skipped}
+    for i in range(2):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            assert f"layers.{i}.{proj}" in skipped
+            assert type(tiny_transformer.get_submodule(f"layers.{i}.{proj}")) is torch.nn.Linear
+    assert {"embed", "head"} <= skipped
+    assert report.summary().startswith("4 of 14 layers quantized")
+    assert quant_status(tiny_transformer) == {"wrappers": 4, "quantizers": 8, "fake_quant_on": 8, "observing": 8}
+
+
+def test_ffn_only_with_hf_style_names():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = torch.nn.ModuleDict(
+                {n: torch.nn.Linear(4, 4) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            )
+            self.mlp = torch.nn.ModuleDict({n: torch.nn.Linear(4, 4) for n in ("gate_proj", "up_proj", "down_proj")})
+
+    report = prepare(Block(), "ffn-only")
+    assert {r.name for r in report.quantized} == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+def test_multihead_attention_out_proj_is_reported_not_swapped():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8))
+    model.attn = torch.nn.MultiheadAttention(8, 2)
+    report = prepare(model, "int8")
+    row = next(r for r in report.rows if r.name == "attn.out_proj")
+    assert not row.quantized and "no wrapper" in row.rule
+
+
+def test_wrapper_shares_parameters_and_converts_back(tiny_mlp):
+    w = tiny_mlp.net[1].weight
+    prepare(tiny_mlp, {"rules": [{"types": "Linear", "weight": {"bits": 4}}]})
+    assert isinstance(tiny_mlp.net[1], QuantLinear) and tiny_mlp.net[1].weight is w
+    unprepare(tiny_mlp)
+    assert type(tiny_mlp.net[1]) is torch.nn.Linear and tiny_mlp.net[1].weight is w
+
+
+def test_quantizer_state_is_in_state_dict_and_restores(tiny_mlp):
+    import copy
+
+    other = copy.deepcopy(tiny_mlp)
+    recipe = {
+        "rules": [{"types": "Linear", "weight": {"bits": 4, "learnable": True}, "activation": {"observer": "ema"}}]
+    }
+    prepare(tiny_mlp, recipe)
+    calibrate(tiny_mlp, [torch.rand(8, 1, 8, 8) for _ in range(3)], 3)
+    sd = tiny_mlp.state_dict()
+    assert int(sd["net.1.input_quant.observed_batches"]) == 3
+    assert not bool(sd["net.1.input_quant.observer_on"])
+    prepare(other, recipe)
+    other.load_state_dict(sd)
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(other(x), tiny_mlp(x))
+    assert int(other.net[1].input_quant.observed_batches) == 3
+
+
+def test_fake_quant_switch_really_changes_outputs(tiny_mlp):
+    prepare(tiny_mlp, {"rules": [{"types": "Linear", "weight": {"bits": 2}, "activation": {"bits": 8}}]})
+    calibrate(tiny_mlp, [torch.rand(16, 1, 8, 8)], 1)
+    x = torch.rand(16, 1, 8, 8)
+    q = tiny_mlp(x)
+    set_fake_quant(tiny_mlp, False)
+    assert not torch.allclose(q, tiny_mlp(x))
+    assert quant_status(tiny_mlp)["fake_quant_on"] == 0
+
+
+def test_prepare_twice_and_regex_rules(tiny_mlp):
+    report = prepare(
+        tiny_mlp, {"rules": [{"match": r"re:net\.[13]", "weight": {"bits": 8}}, {"match": "net.5", "quantize": False}]}
+    )
+    assert [r.name for r in report.quantized] == ["net.1", "net.3"]
+    assert report.rows[-1].rule == "rule 1 (kept float)"
+    with pytest.raises(RecipeError, match="already prepared"):
+        prepare(tiny_mlp, "int8")
+
+
+def test_calibrate_requires_quantizers(tiny_mlp):
+    with pytest.raises(ValueError, match="no quantizers"):
+        calibrate(tiny_mlp, [torch.rand(2, 1, 8, 8)], 1)
+
+
+def test_group_granularity_wrapper(tiny_mlp):
+    prepare(tiny_mlp, {"rules": [{"types": "Linear", "weight": {"bits": 4, "granularity": "group", "group_size": 8}}]})
+    fq = tiny_mlp.net[1].weight_quant
+    assert isinstance(fq, FakeQuantizer) and fq.scale.numel() == 32 * 64 // 8
+    out = tiny_mlp(torch.rand(2, 1, 8, 8))
+    assert out.shape == (2, 10)
