@@ -69,12 +69,16 @@ def test_conv1d_with_folded_batchnorm_exports_to_qlinearconv(tmp_path):
     before = model(x)
     assert fold_batchnorm(model) == ["features.1", "features.4"]
     assert torch.allclose(model(x), before, atol=1e-4)
-    prepare(model, "int8")
-    calibrate(model, make_loader(data.train, 8, True), 5)
-    qpath = export_onnx(model, x[:2], tmp_path / "c.onnx")
+    plain, with_output = copy.deepcopy(model), model
     # conv 1 feeds conv 2's input quantizer and fuses; conv 2 feeds global pooling (no Q after it) and
-    # stays DQ -> Conv in float, as does the logits layer.
-    assert verify.fused_int8_ops(qpath).get("QLinearConv", 0) == 1
+    # stays DQ -> Conv in float unless its output is quantized too.
+    prepare(plain, "int8")
+    prepare(with_output, {"preset": "int8", "rules": [{"match": "features.3", "activation": {}, "output": {}}]})
+    for i, m in enumerate((plain, with_output)):
+        calibrate(m, make_loader(data.train, 8, True), 5)
+        path = export_onnx(m, x[:2], tmp_path / f"c{i}.onnx")
+        assert verify.fused_int8_ops(path).get("QLinearConv", 0) == i + 1
+    qpath = path
     logits = verify.run(verify.session(qpath), x.numpy())
     ref = model(x).detach().numpy()
     assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.99

@@ -24,6 +24,7 @@ class LayerRow:
     weight: str = "float"
     activation: str = "float"
     params: int = 0
+    output: str = "float"
 
 
 @dataclass
@@ -52,26 +53,32 @@ class LayerReport:
         return {"summary": self.summary(), "layers": [asdict(r) for r in self.rows]}
 
     def to_markdown(self) -> str:
-        lines = [
-            "| layer | type | quantized | weight | activation | params | decided by |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in self.rows:
-            lines.append(
-                f"| `{r.name}` | {r.type} | {'yes' if r.quantized else 'no'} | {r.weight} | {r.activation} | {r.params:,} | {r.rule} |"
-            )
-        return "\n".join(lines)
+        return layers_markdown(self.to_dict()["layers"])
 
     def rich_table(self):
         from rich.table import Table
 
         t = Table(title="Layer report: " + self.summary())
-        for col in ("layer", "type", "quantized", "weight", "activation", "params", "decided by"):
+        for col in LAYER_COLUMNS:
             t.add_column(col)
-        for r in self.rows:
-            mark = "[green]yes[/]" if r.quantized else "[dim]no[/]"
-            t.add_row(r.name, r.type, mark, r.weight, r.activation, f"{r.params:,}", r.rule)
+        for r in self.to_dict()["layers"]:
+            t.add_row(*_layer_cells(r, "[green]yes[/]", "[dim]no[/]"))
         return t
+
+
+LAYER_COLUMNS = ("layer", "type", "quantized", "weight", "input", "output", "params", "decided by")
+
+
+def _layer_cells(r: dict, yes: str = "yes", no: str = "no") -> list[str]:
+    quantized = yes if r["quantized"] else no
+    return [r["name"], r["type"], quantized, r["weight"], r["activation"], r["output"], f"{r['params']:,}", r["rule"]]
+
+
+def layers_markdown(rows: list[dict]) -> str:
+    """A markdown table of layer-report rows (as in ``LayerReport.to_dict()['layers']``)."""
+    lines = ["| " + " | ".join(LAYER_COLUMNS) + " |", "|" + "---|" * len(LAYER_COLUMNS)]
+    lines += ["| " + " | ".join(_layer_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def name_matches(name: str, patterns: list[str]) -> bool:
@@ -133,13 +140,11 @@ def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerRepor
             continue
         won[winner] += 1
         label, rule = rules[winner]
-        if rule.quantize and (rule.weight is not None or rule.activation is not None):
+        tensors = (rule.weight, rule.activation, rule.output)
+        if rule.quantize and any(t is not None for t in tensors):
             decided[name] = rule
-            report.rows.append(
-                LayerRow(
-                    name, type(m).__name__, True, label, _describe(rule.weight), _describe(rule.activation), params
-                )
-            )
+            w, a, o = (_describe(t) for t in tensors)
+            report.rows.append(LayerRow(name, type(m).__name__, True, label, w, a, params, o))
         else:
             report.rows.append(LayerRow(name, type(m).__name__, False, f"{label} (kept float)", params=params))
     for i, (label, rule) in enumerate(rules):
@@ -163,11 +168,8 @@ def prepare(model: nn.Module, recipe: QuantRecipe | dict | str) -> LayerReport:
             raise RecipeError("the model itself is a single layer; wrap it in a container (e.g. nn.Sequential)")
         parent = model.get_submodule(parent_name) if parent_name else model
         float_mod = getattr(parent, child)
-        wrapper = QUANT_MODULES[type(float_mod)].from_float(
-            float_mod,
-            rule.weight.to_spec() if rule.weight is not None else None,
-            rule.activation.to_spec() if rule.activation is not None else None,
-        )
+        specs = (None if t is None else t.to_spec() for t in (rule.weight, rule.activation, rule.output))
+        wrapper = QUANT_MODULES[type(float_mod)].from_float(float_mod, *specs)
         setattr(parent, child, wrapper)
     return report
 

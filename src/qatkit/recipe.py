@@ -79,6 +79,7 @@ class Rule(Strict):
     exclude: list[str] = Field(default_factory=list)
     weight: WeightQuant | None = Field(default_factory=WeightQuant)
     activation: ActivationQuant | None = None
+    output: ActivationQuant | None = None
     quantize: bool = True
 
     @field_validator("match", "exclude", "types", mode="before")

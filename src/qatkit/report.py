@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
+from .prepare import layers_markdown
 
 
 @dataclass
@@ -165,16 +166,7 @@ class Report:
             lines += ["", "## Integer kernels in ONNX Runtime's optimised graphs", ""]
             lines += [f"- {label}: {ops or 'none (runs in float)'}" for label, ops in fused]
         for v, layer in self.layers.items():
-            lines += ["", f"## Layers: {v}", "", layer["summary"], ""]
-            lines += [
-                "| layer | type | quantized | weight | activation | params | decided by |",
-                "|---|---|---|---|---|---|---|",
-            ]
-            for r in layer["layers"]:
-                lines.append(
-                    f"| `{r['name']}` | {r['type']} | {'yes' if r['quantized'] else 'no'} | {r['weight']} | "
-                    f"{r['activation']} | {r['params']:,} | {r['rule']} |"
-                )
+            lines += ["", f"## Layers: {v}", "", layer["summary"], "", layers_markdown(layer["layers"])]
             if v in self.warm_start:
                 lines += ["", self.warm_start[v]["summary"]]
         lines += ["", f"Total run time: {self.seconds:.1f} s."]

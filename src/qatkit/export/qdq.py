@@ -80,11 +80,12 @@ class QDQInput(nn.Module):
 
 
 class QDQLayer(nn.Module):
-    """A Linear or Conv layer in Q/DQ form: quantized input, integer weight, float bias."""
+    """A Linear or Conv layer in Q/DQ form: quantized input, integer weight, float bias, quantized output if asked."""
 
     def __init__(self, wrapper: QuantModule):
         super().__init__()
         self.input_qdq = QDQInput(wrapper.input_quant) if wrapper.input_quant is not None else None
+        self.output_qdq = QDQInput(wrapper.output_quant) if wrapper.output_quant is not None else None
         if wrapper.weight_quant is not None:
             self.weight_qdq = QDQWeight(wrapper.weight, wrapper.weight_quant)
         else:
@@ -96,7 +97,8 @@ class QDQLayer(nn.Module):
         if self.input_qdq is not None:
             x = self.input_qdq(x)
         w = self.weight_qdq() if hasattr(self, "weight_qdq") else self.float_weight
-        return self.op(x, w, self.bias)
+        y = self.op(x, w, self.bias)
+        return self.output_qdq(y) if self.output_qdq is not None else y
 
 
 def _layer_fn(m: QuantModule):

@@ -20,36 +20,50 @@ def _clone_module_dict(src: nn.Module) -> dict:
 
 
 class QuantModule:
-    """Mixin for wrappers: ``weight_quant`` and optional ``input_quant`` around the float forward."""
+    """Mixin for wrappers: optional ``weight_quant``, ``input_quant`` and ``output_quant`` around the float op.
+
+    An output quantizer is for a layer whose output feeds no other quantized layer (a conv before pooling):
+    it gives the exported graph the Q node that ONNX Runtime needs to run that layer as an int8 kernel.
+    """
 
     float_type: type[nn.Module]
     weight_quant: FakeQuantizer | None
     input_quant: FakeQuantizer | None
+    output_quant: FakeQuantizer | None
 
     @classmethod
-    def from_float(cls, module: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None) -> QuantModule:
+    def from_float(
+        cls,
+        module: nn.Module,
+        weight: QuantSpec | None,
+        activation: QuantSpec | None,
+        output: QuantSpec | None = None,
+    ) -> QuantModule:
         """Wrap ``module`` (sharing its parameters); ``None`` leaves that tensor in float."""
         q = cls.__new__(cls)
         q.__dict__ = _clone_module_dict(module)
         wq = FakeQuantizer(weight, tuple(module.weight.shape)) if weight is not None else None
-        aq = FakeQuantizer(activation) if activation is not None else None
         nn.Module.__setattr__(q, "weight_quant", wq)
-        nn.Module.__setattr__(q, "input_quant", aq)
+        nn.Module.__setattr__(q, "input_quant", FakeQuantizer(activation) if activation is not None else None)
+        nn.Module.__setattr__(q, "output_quant", FakeQuantizer(output) if output is not None else None)
         return q
 
     def to_float(self) -> nn.Module:
         """The plain float module with the same (possibly trained) parameters."""
         f = self.float_type.__new__(self.float_type)
         f.__dict__ = _clone_module_dict(self)
-        f._modules.pop("weight_quant", None)
-        f._modules.pop("input_quant", None)
+        for key in ("weight_quant", "input_quant", "output_quant"):
+            f._modules.pop(key, None)
         return f
 
     def quantizers(self) -> list[FakeQuantizer]:
-        return [q for q in (self.weight_quant, self.input_quant) if q is not None]
+        return [q for q in (self.weight_quant, self.input_quant, self.output_quant) if q is not None]
 
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_quant(x) if self.input_quant is not None else x
+
+    def quant_output(self, y: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(y) if self.output_quant is not None else y
 
     def quant_weight(self) -> torch.Tensor:
         return self.weight_quant(self.weight) if self.weight_quant is not None else self.weight
@@ -59,21 +73,21 @@ class QuantLinear(QuantModule, nn.Linear):
     float_type = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+        return self.quant_output(F.linear(self.quant_input(x), self.quant_weight(), self.bias))
 
 
 class QuantConv1d(QuantModule, nn.Conv1d):
     float_type = nn.Conv1d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        return self.quant_output(self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias))
 
 
 class QuantConv2d(QuantModule, nn.Conv2d):
     float_type = nn.Conv2d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        return self.quant_output(self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias))
 
 
 QUANT_MODULES: dict[type[nn.Module], type[QuantModule]] = {
