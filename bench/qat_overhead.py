@@ -17,11 +17,12 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,15 @@ from qatkit.models import MLP
 W2A8: dict[str, Any] = {"rules": [{"types": ["Linear"], "weight": {"bits": 2}, "activation": {"bits": 8}}]}
 """2-bit per-channel weights, 8-bit activations: the low-bit rule from the brief."""
 
+OUTPUT_Q8: dict[str, Any] = {
+    "rules": [{"types": ["Linear"], "weight": {"bits": 8}, "activation": {"bits": 8}, "output": {"bits": 8}}]
+}
+"""W8A8 plus an 8-bit quantizer on every Linear's output: the Q node ONNX Runtime needs after a Linear whose
+consumer is not quantized (GELU, the logits) before it will fuse it into an int8 kernel. Reference only."""
+
+EXPORTS: dict[str, str | dict[str, Any]] = {"W8A8": "int8", "W8A8+out": OUTPUT_Q8}
+"""Quantized exports compared with the float export: the int8 preset (targets apply) and the reference."""
+
 STEP_TARGET = 1.3
 MEM_TARGET = 1.5
 LAT_TARGETS = {1: 0.5, 64: 0.3}
@@ -56,7 +66,10 @@ MEMORY_METHOD = (
 
 @dataclass
 class Settings:
-    """How long to measure; ``--quick`` shrinks every count."""
+    """How long to measure; ``--quick`` shrinks every count.
+
+    ``*_profile`` is (rounds, steps per round) of the per-op profile; (0, 0) skips it.
+    """
 
     mlp_rounds: int
     block_rounds: int
@@ -64,13 +77,30 @@ class Settings:
     block_warmup: int
     latency_seconds: float
     latency_rounds: int
-    profile_steps: int
+    mlp_profile: tuple[int, int]
+    block_profile: tuple[int, int]
 
 
-FULL = Settings(mlp_rounds=600, block_rounds=40, mlp_warmup=30, block_warmup=3, latency_seconds=3.0,
-                latency_rounds=10, profile_steps=3)
-QUICK = Settings(mlp_rounds=150, block_rounds=6, mlp_warmup=10, block_warmup=1, latency_seconds=0.6,
-                 latency_rounds=6, profile_steps=0)
+FULL = Settings(
+    mlp_rounds=1500,
+    block_rounds=80,
+    mlp_warmup=50,
+    block_warmup=3,
+    latency_seconds=3.0,
+    latency_rounds=10,
+    mlp_profile=(10, 10),
+    block_profile=(4, 1),
+)
+QUICK = Settings(
+    mlp_rounds=150,
+    block_rounds=6,
+    mlp_warmup=10,
+    block_warmup=1,
+    latency_seconds=0.6,
+    latency_rounds=6,
+    mlp_profile=(0, 0),
+    block_profile=(0, 0),
+)
 
 
 @dataclass
@@ -112,7 +142,7 @@ def make_cases(block_act: str) -> list[Case]:
     mlp = MLP((1, 8, 8), 10, hidden=[256, 128])
     mlp_case = Case(
         key="mlp",
-        label="MLP 64-256-128-10, batch 64",
+        label="MLP 64-256-128-10 (digits, batch 64)",
         model=mlp,
         x=xs[:64].contiguous(),
         y=ys[:64].contiguous(),
@@ -127,7 +157,7 @@ def make_cases(block_act: str) -> list[Case]:
     tokens = torch.randn(1024, 768)
     block_case = Case(
         key="block",
-        label=f"FFN block 768-3072-768 ({block_act.upper()}), 1024 rows",
+        label=f"FFN 768-3072-768 {block_act.upper()} (1024 rows)",
         model=block,
         x=tokens,
         y=torch.randn(1024, 768),
@@ -185,7 +215,7 @@ def time_steps(trainers: dict[str, Trainer], rounds: int, warmup: int) -> dict[s
 
 def ratio_spread(q: list[float], f: list[float]) -> tuple[float, float]:
     """25th and 75th percentile of the per-round ratios q/f (how noisy the median ratio is)."""
-    ratios = sorted(a / b for a, b in zip(q, f))
+    ratios = sorted(a / b for a, b in zip(q, f, strict=True))
     quarts = statistics.quantiles(ratios, n=4)
     return quarts[0], quarts[2]
 
@@ -220,21 +250,20 @@ def live_state(tr: Trainer) -> list[torch.Tensor]:
     return [*tr.model.parameters(), *tr.model.buffers(), *opt_state, tr.x, tr.y]
 
 
-def step_memory(tr: Trainer) -> dict[str, int]:
+def step_memory(tr: Trainer) -> dict[str, int | bool]:
     """Peak live CPU bytes during one train step (profiler), and an independent saved-tensor estimate.
 
     Profiler: gradients are freed before profiling so every free in the step belongs to an allocation the
-    profiler saw; peak = bytes live at start + max running sum of alloc/free events. Cross-check: bytes live
-    at start + one gradient per parameter + tensors autograd saves for backward (saved_tensors_hooks).
+    profiler saw; peak = bytes live at start + max running sum of alloc/free events. ``closed`` checks that
+    the events net out to exactly the new gradients. Cross-check: bytes live at start + one gradient per
+    parameter + tensors autograd saves for backward (saved_tensors_hooks).
     """
     tr.opt.zero_grad(set_to_none=True)
     gc.collect()
     baseline, base_ptrs = storage_bytes(live_state(tr))
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         tr.step()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -251,48 +280,63 @@ def step_memory(tr: Trainer) -> dict[str, int]:
         loss = tr.loss(tr.model(tr.x), tr.y)
     saved_bytes, _ = storage_bytes(saved, exclude=base_ptrs)
     grad_bytes = sum(p.numel() * p.element_size() for p in tr.model.parameters() if p.requires_grad)
-    del loss, saved
+    del loss
     return {
         "baseline": baseline,
         "peak": baseline + peak,
         "estimate": baseline + grad_bytes + saved_bytes,
         "events": len(events),
+        "closed": live == grad_bytes,
     }
 
 
-def step_breakdown(tr: Trainer, steps: int) -> dict[str, float]:
-    """Self CPU milliseconds per train step for each ATen op (and the optimizer), from torch.profiler."""
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            tr.step()
-    return {e.key: e.self_cpu_time_total / 1000.0 / steps for e in prof.key_averages()}
+def step_breakdown(trainers: dict[str, Trainer], rounds: int, steps: int) -> dict[str, dict[str, float]]:
+    """Self CPU milliseconds per train step for each op, per trainer, from torch.profiler.
+
+    Trainers take turns: each round profiles ``steps`` steps of each, so load changes hit all alike.
+    """
+    total: dict[str, dict[str, float]] = {n: {} for n in trainers}
+    for _ in range(rounds):
+        for name, tr in trainers.items():
+            with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(steps):
+                    tr.step()
+            for e in prof.key_averages():
+                ms = e.self_cpu_time_total / 1000.0 / (steps * rounds)
+                total[name][e.key] = total[name].get(e.key, 0.0) + ms
+    return total
 
 
 def onnx_compare(case: Case, workdir: Path, s: Settings) -> dict[str, Any]:
-    """Export float and W8A8 models, then compare file size, fused int8 kernels and interleaved ORT latency."""
-    qmodel = quantized_copy(case, "int8").eval()
+    """Export the float model and each ``EXPORTS`` recipe; compare file size, fused int8 kernels, ORT latency.
+
+    Each quantized file is also checked against the PyTorch fake-quantized model it came from (max abs error).
+    """
     example = case.x[:64]
-    fpath = export_onnx(case.model.eval(), example, workdir / f"{case.key}_float.onnx")
-    qpath = export_onnx(qmodel, example, workdir / f"{case.key}_int8.onnx")
-    case.model.train()
-    sessions = {"float": verify.session(fpath, threads=1), "int8": verify.session(qpath, threads=1)}
-    with torch.no_grad():
-        torch_out = qmodel(torch.from_numpy(case.sample[:64])).numpy()
-    ort_err = float(np.abs(verify.run(sessions["int8"], case.sample[:64]) - torch_out).max())
+    paths = {"float": export_onnx(case.model, example, workdir / f"{case.key}_float.onnx")}
+    files: dict[str, dict[str, Any]] = {}
+    for name, recipe in EXPORTS.items():
+        qmodel = quantized_copy(case, recipe).eval()
+        paths[name] = export_onnx(qmodel, example, workdir / f"{case.key}_{name}.onnx")
+        ort_out = verify.run(verify.session(paths[name], threads=1), case.sample[:64])
+        files[name] = {
+            "size": verify.file_size(paths[name]),
+            "fused_int8_ops": verify.fused_int8_ops(paths[name]),
+            "optimized_ops": dict(verify.optimized_op_counts(paths[name])),
+            "ort_vs_torch_max_abs_err": float(
+                np.abs(ort_out - qmodel(torch.from_numpy(case.sample[:64])).numpy()).max()
+            ),
+        }
+    sessions = {name: verify.session(path, threads=1) for name, path in paths.items()}
     lat = verify.latencies(sessions, case.sample, [1, 64], seconds=s.latency_seconds, rounds=s.latency_rounds)
-    return {
-        "size_float": verify.file_size(fpath),
-        "size_int8": verify.file_size(qpath),
-        "fused_int8_ops": verify.fused_int8_ops(qpath),
-        "optimized_ops": dict(verify.optimized_op_counts(qpath)),
-        "ort_vs_torch_max_abs_err": ort_err,
-        "latency_ms": lat,
-    }
+    return {"size_float": verify.file_size(paths["float"]), "files": files, "latency_ms": lat}
 
 
 def run_case(case: Case, s: Settings, workdir: Path, console: Console) -> dict[str, Any]:
     """All measurements for one model: interleaved step timing, step memory, ORT comparison, breakdown."""
-    rounds, warmup = (s.block_rounds, s.block_warmup) if case.key == "block" else (s.mlp_rounds, s.mlp_warmup)
+    block = case.key == "block"
+    rounds, warmup = (s.block_rounds, s.block_warmup) if block else (s.mlp_rounds, s.mlp_warmup)
+    profile_steps = s.block_profile if block else s.mlp_profile
     trainers = {"float": Trainer(copy.deepcopy(case.model), case.x, case.y, case.loss)}
     for name, recipe in case.recipes.items():
         trainers[name] = Trainer(quantized_copy(case, recipe), case.x, case.y, case.loss)
@@ -301,9 +345,9 @@ def run_case(case: Case, s: Settings, workdir: Path, console: Console) -> dict[s
     console.log(f"{case.label}: step memory")
     memory = {n: step_memory(tr) for n, tr in trainers.items()}
     breakdown = {}
-    if s.profile_steps:
+    if profile_steps[0]:
         console.log(f"{case.label}: per-op profile")
-        breakdown = {n: step_breakdown(tr, s.profile_steps) for n, tr in trainers.items()}
+        breakdown = step_breakdown(trainers, *profile_steps)
     console.log(f"{case.label}: ONNX export and ORT latency")
     with torch.no_grad():
         ort = onnx_compare(case, workdir, s)
@@ -321,6 +365,7 @@ def run_case(case: Case, s: Settings, workdir: Path, console: Console) -> dict[s
         }
     return {
         "label": case.label,
+        "train_targets": case.train_targets,
         "rounds": rounds,
         "float": {"step_ms": 1000 * f["median_s"], "faults_per_step": f["faults"], "memory": memory["float"]},
         "variants": variants,
@@ -332,81 +377,153 @@ def run_case(case: Case, s: Settings, workdir: Path, console: Console) -> dict[s
 def status(value: float, target: float | None) -> str:
     """Rich markup for a ratio against an upper-bound target."""
     if target is None:
-        return "[dim]no target[/]"
-    return "[green]met[/]" if value <= target else f"[red]missed[/] ({value / target:.2f}x target)"
+        return "[dim]-[/]"
+    return "[green]met[/]" if value <= target else f"[red]MISSED[/] by {value / target:.2f}x"
 
 
-def mb(n: float) -> str:
+def mib(n: float) -> str:
+    """Bytes as MiB with one decimal."""
     return f"{n / 2**20:.1f} MiB"
 
 
-def summary_table(results: dict[str, dict[str, Any]]) -> Table:
-    """The one table of ratios with their targets."""
-    t = Table(title="QAT overhead and int8 speed-up (ratios: QAT or int8 / float; lower is better)")
-    for col in ("model", "metric", "float", "QAT / int8", "ratio", "target", "status"):
-        t.add_column(col, justify="right" if col in ("float", "QAT / int8", "ratio", "target") else "left")
-    for r in results.values():
-        has_targets = r["key"] == "block"
-        for name, v in r["variants"].items():
-            target = STEP_TARGET if has_targets else None
-            iqr = v["step_ratio_iqr"]
-            t.add_row(
-                r["label"], f"train step {name} (IQR {iqr[0]:.2f}-{iqr[1]:.2f})", f"{r['float']['step_ms']:.2f} ms",
-                f"{v['step_ms']:.2f} ms", f"{v['step_ratio']:.2f}x", f"<= {target}x" if target else "-",
-                status(v["step_ratio"], target),
-            )
-        for name, v in r["variants"].items():
-            target = MEM_TARGET if has_targets else None
-            t.add_row(
-                r["label"], f"peak step memory {name}", mb(r["float"]["memory"]["peak"]), mb(v["memory"]["peak"]),
-                f"{v['memory_ratio']:.2f}x", f"<= {target}x" if target else "-", status(v["memory_ratio"], target),
-            )
-        lat = r["onnx"]["latency_ms"]
-        for b, target in LAT_TARGETS.items():
-            ratio = lat["int8"][b] / lat["float"][b]
-            t.add_row(
-                r["label"], f"ORT latency W8A8, batch {b}", f"{1000 * lat['float'][b]:.1f} us",
-                f"{1000 * lat['int8'][b]:.1f} us", f"{ratio:.2f}x", f"<= {target}x", status(ratio, target),
-            )
-        o = r["onnx"]
-        t.add_row(
-            r["label"], "ONNX file size W8A8", mb(o["size_float"]), mb(o["size_int8"]),
-            f"{o['size_int8'] / o['size_float']:.2f}x", "-", "[dim]no target[/]",
+def summary_rows(r: dict[str, Any]) -> Iterator[tuple[str, ...]]:
+    """Table rows for one model: (metric, float, QAT/int8, ratio, spread, target, status)."""
+    targets = r["train_targets"]
+    f = r["float"]
+    for name, v in r["variants"].items():
+        target = STEP_TARGET if targets else None
+        lo, hi = v["step_ratio_iqr"]
+        yield (
+            f"train step, {name}",
+            f"{f['step_ms']:.2f} ms",
+            f"{v['step_ms']:.2f} ms",
+            f"{v['step_ratio']:.2f}x",
+            f"{lo:.2f}-{hi:.2f}",
+            f"<= {target}x" if target else "-",
+            status(v["step_ratio"], target),
         )
+    for name, v in r["variants"].items():
+        target = MEM_TARGET if targets else None
+        yield (
+            f"peak step memory, {name}",
+            mib(f["memory"]["peak"]),
+            mib(v["memory"]["peak"]),
+            f"{v['memory_ratio']:.2f}x",
+            "",
+            f"<= {target}x" if target else "-",
+            status(v["memory_ratio"], target),
+        )
+    o = r["onnx"]
+    lat = o["latency_ms"]
+    for name, file in o["files"].items():
+        note = "" if EXPORTS[name] == "int8" else " (reference)"
+        for b, target in LAT_TARGETS.items():
+            ratio = lat[name][b] / lat["float"][b]
+            yield (
+                f"ORT latency {name}{note}, batch {b}",
+                f"{1000 * lat['float'][b]:.1f} us",
+                f"{1000 * lat[name][b]:.1f} us",
+                f"{ratio:.2f}x",
+                "",
+                f"<= {target}x",
+                status(ratio, target),
+            )
+        yield (
+            f"ONNX file size {name}{note}",
+            mib(o["size_float"]),
+            mib(file["size"]),
+            f"{file['size'] / o['size_float']:.2f}x",
+            "",
+            "-",
+            status(0.0, None),
+        )
+
+
+def summary_table(results: dict[str, dict[str, Any]]) -> Table:
+    """The one table of ratios (QAT or int8 over float, lower is better) with their targets."""
+    t = Table(title="QAT overhead and int8 speed-up: ratio = QAT or int8 / float (lower is better)")
+    t.add_column("model")
+    t.add_column("metric")
+    for col in ("float", "QAT / int8", "ratio", "ratio IQR", "target"):
+        t.add_column(col, justify="right")
+    t.add_column("status")
+    for r in results.values():
+        for i, row in enumerate(summary_rows(r)):
+            t.add_row(r["label"] if i == 0 else "", *row)
         t.add_section()
     return t
 
 
-def detail_table(results: dict[str, dict[str, Any]]) -> Table:
-    """Supporting numbers: memory cross-check, page faults, fused kernels, export agreement."""
-    t = Table(title="Details")
-    for col in ("model", "variant", "live at start", "peak (profiler)", "estimate (saved+grads)",
-                "page faults/step", "fused int8 ops in ORT"):
+def training_table(results: dict[str, dict[str, Any]]) -> Table:
+    """Supporting training numbers: the memory cross-check and minor page faults per step."""
+    t = Table(title="Training step details")
+    t.add_column("model")
+    t.add_column("variant")
+    for col in ("step (median)", "live at start", "peak (profiler)", "saved+grads estimate", "page faults/step"):
+        t.add_column(col, justify="right")
+    for r in results.values():
+        rows = [("float", r["float"])] + list(r["variants"].items())
+        for i, (name, v) in enumerate(rows):
+            m = v["memory"]
+            t.add_row(
+                r["label"] if i == 0 else "",
+                name,
+                f"{v['step_ms']:.2f} ms",
+                mib(m["baseline"]),
+                mib(m["peak"]),
+                mib(m["estimate"]),
+                f"{v['faults_per_step']:.0f}",
+            )
+        t.add_section()
+    return t
+
+
+def export_table(results: dict[str, dict[str, Any]]) -> Table:
+    """Supporting export numbers: which int8 kernels ORT fused, the optimised graph, agreement with PyTorch."""
+    t = Table(title="Export details (ORT graph after optimisation)")
+    for col in ("model", "export", "fused int8 ops", "all ops after ORT optimisation", "max |ORT - torch|"):
         t.add_column(col)
     for r in results.values():
-        f = r["float"]
-        t.add_row(r["label"], "float", mb(f["memory"]["baseline"]), mb(f["memory"]["peak"]),
-                  mb(f["memory"]["estimate"]), f"{f['faults_per_step']:.0f}", "-")
-        for name, v in r["variants"].items():
-            m = v["memory"]
-            ops = ", ".join(f"{k} x{c}" for k, c in r["onnx"]["fused_int8_ops"].items()) if name == "W8A8" else "-"
-            t.add_row(r["label"], name, mb(m["baseline"]), mb(m["peak"]), mb(m["estimate"]),
-                      f"{v['faults_per_step']:.0f}", ops or "[red]none: runs in float[/]")
+        for i, (name, f) in enumerate(r["onnx"]["files"].items()):
+            fused = ", ".join(f"{k} x{c}" for k, c in f["fused_int8_ops"].items()) or "[red]none: runs in float[/]"
+            ops = ", ".join(f"{k} x{c}" for k, c in sorted(f["optimized_ops"].items()))
+            t.add_row(r["label"] if i == 0 else "", name, fused, ops, f"{f['ort_vs_torch_max_abs_err']:.1e}")
+        t.add_section()
     return t
 
 
 def breakdown_table(r: dict[str, Any], top: int = 12) -> Table:
     """Ops that account for the W8A8 step's extra time: self CPU ms per step, QAT vs float."""
     f, q = r["breakdown"]["float"], r["breakdown"]["W8A8"]
-    t = Table(title=f"Where the W8A8 step time goes: {r['label']} (torch.profiler, self CPU ms per step)")
-    for col in ("op", "float ms", "W8A8 ms", "extra ms"):
-        t.add_column(col, justify="left" if col == "op" else "right")
-    rows = sorted(q, key=lambda k: q[k] - f.get(k, 0.0), reverse=True)[:top]
-    for k in rows:
-        t.add_row(k, f"{f.get(k, 0.0):.2f}", f"{q[k]:.2f}", f"{q[k] - f.get(k, 0.0):+.2f}")
-    t.add_row("[b]total[/]", f"{sum(f.values()):.2f}", f"{sum(q.values()):.2f}",
-              f"{sum(q.values()) - sum(f.values()):+.2f}")
+    t = Table(title=f"Where the W8A8 step's extra time goes: {r['label']} (torch.profiler, self CPU ms/step)")
+    t.add_column("op")
+    for col in ("float", "W8A8", "extra"):
+        t.add_column(col, justify="right")
+    for k in sorted(q, key=lambda k: q[k] - f.get(k, 0.0), reverse=True)[:top]:
+        t.add_row(k, f"{f.get(k, 0.0):.3f}", f"{q[k]:.3f}", f"{q[k] - f.get(k, 0.0):+.3f}")
+    t.add_section()
+    t.add_row(
+        "total (all ops)",
+        f"{sum(f.values()):.3f}",
+        f"{sum(q.values()):.3f}",
+        f"{sum(q.values()) - sum(f.values()):+.3f}",
+    )
     return t
+
+
+def git_commit() -> str:
+    """Short commit of the checkout this script lives in ("unknown" outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def environment(threads: int) -> dict[str, Any]:
@@ -424,6 +541,7 @@ def environment(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "qatkit": qatkit.__version__,
+        "git_commit": git_commit(),
         "torch_threads": threads,
         "ort_threads": 1,
         "load_average_start": os.getloadavg()[0],
@@ -431,6 +549,7 @@ def environment(threads: int) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (see ``--help``)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short run (about a minute): fewer repeats, no profile")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write all results to this JSON file")
@@ -440,10 +559,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure both models in this one process, print the tables, optionally write JSON."""
     args = parse_args(argv)
     settings = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     env = environment(args.threads)
     t0 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
@@ -454,23 +574,31 @@ def main(argv: list[str] | None = None) -> int:
     env["wall_s"] = round(time.perf_counter() - t0, 1)
     console.print(
         f"\n{env['date']} | {env['machine']} | torch {env['torch']} ({env['torch_threads']} threads) | "
-        f"onnxruntime {env['onnxruntime']} ({env['ort_threads']} thread) | {'quick' if args.quick else 'full'} "
-        f"run, {env['wall_s']} s | load avg {env['load_average_start']:.2f} -> {env['load_average_end']:.2f}"
+        f"onnxruntime {env['onnxruntime']} ({env['ort_threads']} thread) | qatkit {env['git_commit']} | "
+        f"{'quick' if args.quick else 'full'} run, {env['wall_s']} s | "
+        f"load avg {env['load_average_start']:.2f} -> {env['load_average_end']:.2f}"
     )
     console.print(
         "Step time: median over interleaved rounds (rotating order), after warm-up; IQR = quartiles of per-round "
         "ratios. Latency: qatkit.export.verify.latencies (interleaved sessions, median of rounds)."
     )
-    console.print(f"Peak memory: {MEMORY_METHOD}.")
+    mems = [m for r in results.values() for m in [r["float"]["memory"], *(v["memory"] for v in r["variants"].values())]]
+    closed = sum(m["closed"] for m in mems)
+    console.print(
+        f"Peak memory: {MEMORY_METHOD}. Accounting closes (events net to exactly the new gradients) in "
+        f"{closed} of {len(mems)} runs."
+    )
     console.print(summary_table(results))
-    console.print(detail_table(results))
+    console.print(training_table(results))
+    console.print(export_table(results))
     for r in results.values():
         if r["breakdown"]:
             console.print(breakdown_table(r))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "settings": vars(settings), "results": results},
-                                        indent=2, default=str))
+        args.json.write_text(
+            json.dumps({"environment": env, "settings": asdict(settings), "results": results}, indent=2, default=str)
+        )
         console.print(f"wrote {args.json}")
     return 0
 

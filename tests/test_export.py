@@ -109,3 +109,38 @@ def test_low_bit_and_group_weights_export_exactly(tmp_path, digits):
     codes = [i for i in onnx.load(str(path)).graph.initializer if "codes" in i.name]
     q = onnx.numpy_helper.to_array(codes[1])
     assert q.dtype == np.int8 and q.min() >= -2 and q.max() <= 1
+
+
+def test_conv2d_model_exports_with_int8_convs(tmp_path, digits):
+    from qatkit.models import CNN2d
+
+    torch.manual_seed(0)
+    model = CNN2d(digits.input_shape, 10, channels=[8, 16]).eval()
+    fold_batchnorm(model)
+    prepare(model, {"preset": "int8", "rules": [{"match": "features.3", "activation": {}, "output": {}}]})
+    calibrate(model, make_loader(digits.train, 64, True), 2)
+    x = digits.test.tensors[0]
+    path = export_onnx(model, x[:2], tmp_path / "c2.onnx")
+    assert verify.fused_int8_ops(path).get("QLinearConv", 0) == 2
+    logits = verify.run(verify.session(path), x.numpy())
+    assert (logits.argmax(1) == model(x).detach().numpy().argmax(1)).mean() >= 0.99
+
+
+def test_layers_without_a_following_quantize_are_rewritten_to_int8_matmul(tmp_path):
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    prepare(block, "int8")
+    calibrate(block, [torch.randn(64, 32) for _ in range(4)], 4)
+    path = export_onnx(block, torch.randn(2, 32), tmp_path / "b.onnx")
+    graph = onnx.load(str(path)).graph
+    assert not [n for n in graph.node if n.op_type == "Gemm"]
+    assert verify.fused_int8_ops(path) == {"MatMulIntegerToFloat": 2}
+    x = torch.randn(50, 32)
+    ours = verify.run(verify.session(path), x.numpy())
+    assert np.abs(ours - block(x).detach().numpy()).max() < 1e-2
+
+
+def test_mlp_layers_fuse_to_qgemm_and_the_logits_layer_to_integer_matmul(qat_mlp, digits, tmp_path):
+    _, qat = qat_mlp
+    path = export_onnx(qat, digits.test.tensors[0][:2], tmp_path / "q.onnx")
+    assert verify.fused_int8_ops(path) == {"QGemm": 2, "MatMulIntegerToFloat": 1}

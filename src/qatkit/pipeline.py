@@ -52,9 +52,24 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
     def new_model() -> torch.nn.Module:
         return build_model(recipe.model.name, data.input_shape, nc, **recipe.model.args)
 
-    def evaluate_torch(model: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+    onnx_files: dict[str, tuple[Path, torch.Tensor, str, str]] = {}
+
+    def train(model: torch.nn.Module, cfg, name: str) -> None:
+        res = fit(model, data.train, data.val, cfg, num_classes=nc, batch_size=bs, seed=recipe.seed,
+                  num_workers=recipe.data.num_workers, log_path=out / f"{name}_train.csv", desc=name,
+                  progress=progress)  # fmt: skip
+        report.training[name] = {"epochs": len(res.history), "best_epoch": res.best_epoch, "seconds": res.seconds}
+
+    def record(model: torch.nn.Module, variant: str, stage: str, size_bytes: int | None = None) -> None:
+        """Evaluate on the test split, add the PyTorch row, and export the model for the ORT rows."""
         logits, targets = predict(model, test_loader)
-        return classification_metrics(logits, targets, nc), logits
+        metrics = classification_metrics(logits, targets, nc)
+        status = None if variant == "fp32" else quant_status(model)
+        report.add(Row(variant, stage, "pytorch", metrics, size_bytes=size_bytes, status=status))
+        console.print(f"{stage.upper()} test accuracy {metrics['accuracy']:.4f}, NLL {metrics['loss']:.4f}")
+        if recipe.export.onnx:
+            key, file = ("fp32", "fp32") if variant == "fp32" else (f"{variant}/{stage}", f"{variant}_{stage}")
+            onnx_files[key] = (export_onnx(model, x_test[:2], out / f"{file}.onnx"), logits, variant, stage)
 
     # ---- FP32 baseline -------------------------------------------------------------------------
     console.rule(f"[bold]{recipe.name}[/]: FP32 baseline")
@@ -63,31 +78,12 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         ws = warm_start(fp32, recipe.fp32.checkpoint, strict=True)
         console.print(ws.summary())
     else:
-        res = fit(
-            fp32,
-            data.train,
-            data.val,
-            recipe.fp32.train,
-            num_classes=nc,
-            batch_size=bs,
-            seed=recipe.seed,
-            num_workers=recipe.data.num_workers,
-            log_path=out / "fp32_train.csv",
-            desc="fp32",
-            progress=progress,
-        )
-        report.training["fp32"] = {"epochs": len(res.history), "best_epoch": res.best_epoch, "seconds": res.seconds}
+        train(fp32, recipe.fp32.train, "fp32")
     folded = fold_batchnorm(fp32) if recipe.fp32.fold_batchnorm else []
     if folded:
         console.print(f"folded BatchNorm into the preceding layer: {', '.join(folded)}")
     ckpt = save_weights(out / "fp32.safetensors", fp32.state_dict(), dict(fingerprint, stage="fp32"))
-    fp32_metrics, fp32_logits = evaluate_torch(fp32)
-    report.add(Row("fp32", "fp32", "pytorch", fp32_metrics, size_bytes=ckpt.stat().st_size))
-    console.print(f"FP32 test accuracy {fp32_metrics['accuracy']:.4f}, NLL {fp32_metrics['loss']:.4f}")
-
-    onnx_files: dict[str, tuple[Path, torch.Tensor, str, str]] = {}
-    if recipe.export.onnx:
-        onnx_files["fp32"] = (export_onnx(fp32, x_test[:2], out / "fp32.onnx"), fp32_logits, "fp32", "fp32")
+    record(fp32, "fp32", "fp32", ckpt.stat().st_size)
 
     # ---- each quantized variant: PTQ, then QAT warm-started from the float checkpoint -----------
     for v in recipe.variants:
@@ -97,16 +93,7 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         console.print(layers.rich_table())
         report.layers[v.name] = layers.to_dict()
         calibrate(ptq_model, make_loader(data.train, bs, True, recipe.seed), v.ptq.calib_batches)
-        m, ptq_logits = evaluate_torch(ptq_model)
-        report.add(Row(v.name, "ptq", "pytorch", m, status=quant_status(ptq_model)))
-        console.print(f"PTQ test accuracy {m['accuracy']:.4f}, NLL {m['loss']:.4f}")
-        if recipe.export.onnx:
-            onnx_files[f"{v.name}/ptq"] = (
-                export_onnx(ptq_model, x_test[:2], out / f"{v.name}_ptq.onnx"),
-                ptq_logits,
-                v.name,
-                "ptq",
-            )
+        record(ptq_model, v.name, "ptq")
         if v.qat is None:
             continue
         qat_model, ws = _warm_started(new_model, recipe, v, ckpt)
@@ -117,37 +104,10 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         if status["fake_quant_on"] == 0:
             raise RuntimeError(f"variant {v.name}: QAT requested but no fake quantizer is active")
         console.print(f"QAT active: {status['fake_quant_on']} fake quantizers on {status['wrappers']} layers")
-        res = fit(
-            qat_model,
-            data.train,
-            data.val,
-            v.qat,
-            num_classes=nc,
-            batch_size=bs,
-            seed=recipe.seed,
-            num_workers=recipe.data.num_workers,
-            log_path=out / f"{v.name}_qat_train.csv",
-            desc=f"{v.name} qat",
-            progress=progress,
-        )
-        report.training[f"{v.name}/qat"] = {
-            "epochs": len(res.history),
-            "best_epoch": res.best_epoch,
-            "seconds": res.seconds,
-        }
-        qckpt = save_weights(
-            out / f"{v.name}_qat.safetensors", qat_model.state_dict(), dict(fingerprint, stage=f"{v.name}/qat")
-        )
-        m, qat_logits = evaluate_torch(qat_model)
-        report.add(Row(v.name, "qat", "pytorch", m, size_bytes=qckpt.stat().st_size, status=quant_status(qat_model)))
-        console.print(f"QAT test accuracy {m['accuracy']:.4f}, NLL {m['loss']:.4f}")
-        if recipe.export.onnx:
-            onnx_files[f"{v.name}/qat"] = (
-                export_onnx(qat_model, x_test[:2], out / f"{v.name}_qat.onnx"),
-                qat_logits,
-                v.name,
-                "qat",
-            )
+        train(qat_model, v.qat, f"{v.name}_qat")
+        meta = dict(fingerprint, stage=f"{v.name}/qat")
+        qckpt = save_weights(out / f"{v.name}_qat.safetensors", qat_model.state_dict(), meta)
+        record(qat_model, v.name, "qat", qckpt.stat().st_size)
 
     # ---- verify every exported file in ONNX Runtime ---------------------------------------------
     if onnx_files:

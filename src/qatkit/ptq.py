@@ -48,17 +48,3 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int) -> int:
         q.set_fake_quant(True)
     model.train(was_training)
     return seen
-
-
-def freeze_observers(model: nn.Module) -> None:
-    """Stop all range tracking (scales stay as they are)."""
-    for _, q in iter_quantizers(model):
-        q.set_observer(False)
-
-
-def quantizer_stats(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per-quantizer mean scale, a cheap health readout for logs."""
-    out = {}
-    for name, q in iter_quantizers(model):
-        out[name] = {"scale_mean": float(q.scale.detach().mean()), "bits": q.spec.bits}
-    return out

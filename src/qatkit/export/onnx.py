@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..nn.modules import QuantModule
+from .gemm_rewrite import rewrite_unfused_gemms
 from .qdq import to_qdq
 
 
@@ -42,20 +43,27 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, dynam
             verbose=False,
         )
     m.train(was_training)
-    strip_debug_info(path)
+    finish_onnx(path)
     return path
 
 
-def strip_debug_info(path: str | Path) -> None:
-    """Drop the exporter's per-node debug metadata (stack traces, local paths): it is not needed to run the
-    model, leaks the build machine's paths, and would be a third of a small int8 file."""
+def finish_onnx(path: str | Path) -> None:
+    """Post-process an exported file in place: drop debug metadata, make unfused int8 Gemms fusable, check it."""
     import onnx
 
     model = onnx.load(str(path))
+    strip_debug_info(model)
+    rewrite_unfused_gemms(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def strip_debug_info(model) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces, local paths): not needed to run the model,
+    it leaks the build machine's paths and would be a third of a small int8 file."""
     for node in model.graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
-    onnx.save(model, str(path))
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.affine import broadcast_param, fake_quantize, lsq_fake_quantize, qparams_from_range
+from ..quant.affine import fake_quantize, lsq_fake_quantize, qparams_from_range
 from ..quant.observers import observe
 from ..quant.spec import QuantSpec
 
@@ -97,14 +97,6 @@ class FakeQuantizer(nn.Module):
 
     def set_fake_quant(self, on: bool) -> None:
         self.fake_quant_on.fill_(on)
-
-    def clipped_fraction(self, x: torch.Tensor) -> float:
-        """Share of ``x``'s values that fall outside the representable range (a health statistic)."""
-
-        s = broadcast_param(x, self.scale.detach(), self.ch_axis, self.group_size)
-        zp = broadcast_param(x, self.zero_point.float(), self.ch_axis, self.group_size)
-        q = torch.round(x.detach() / s) + zp
-        return float(((q < self.spec.qmin) | (q > self.spec.qmax)).float().mean())
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -28,9 +28,11 @@ def reduce_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def minmax_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact min and max of each row."""
-    lo, hi = torch.aminmax(reduce_rows(x, spec), dim=1)
-    return lo, hi
+    """Exact min and max of each row (amin/amax: several times faster than aminmax over many rows on CPU)."""
+    rows = reduce_rows(x, spec)
+    if rows.shape[0] == 1:
+        return torch.aminmax(rows, dim=1)
+    return rows.amin(dim=1), rows.amax(dim=1)
 
 
 def percentile_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +49,7 @@ def percentile_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
 def mse_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink each row's min-max range by the ratio (from a grid in [0.2, 1]) with least quantization MSE."""
     rows = reduce_rows(x, spec).float()
-    lo, hi = torch.aminmax(rows, dim=1)
+    lo, hi = minmax_range(rows, QuantSpec(granularity="channel"))
     best_err = torch.full_like(lo, float("inf"))
     best_ratio = torch.ones_like(lo)
     for ratio in torch.linspace(0.2, 1.0, spec.mse_grid).tolist():
