@@ -76,7 +76,7 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
     fp32 = new_model()
     if recipe.fp32.checkpoint is not None:
         ws = warm_start(fp32, recipe.fp32.checkpoint, strict=True)
-        console.print(ws.summary())
+        console.print("\n".join(ws.lines()), highlight=False)
     else:
         train(fp32, recipe.fp32.train, "fp32")
     folded = fold_batchnorm(fp32) if recipe.fp32.fold_batchnorm else []
@@ -93,12 +93,14 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         console.print(layers.rich_table())
         report.layers[v.name] = layers.to_dict()
         calibrate(ptq_model, make_loader(data.train, bs, True, recipe.seed), v.ptq.calib_batches)
-        record(ptq_model, v.name, "ptq")
+        meta = dict(fingerprint, stage=f"{v.name}/ptq")
+        pckpt = save_weights(out / f"{v.name}_ptq.safetensors", ptq_model.state_dict(), meta)
+        record(ptq_model, v.name, "ptq", pckpt.stat().st_size)
         if v.qat is None:
             continue
         qat_model, ws = _warm_started(new_model, recipe, v, ckpt)
         report.warm_start[v.name] = ws.to_dict()
-        console.print(ws.summary())
+        console.print("\n".join(ws.lines()), highlight=False)
         calibrate(qat_model, make_loader(data.train, bs, True, recipe.seed), v.ptq.calib_batches)
         status = quant_status(qat_model)
         if status["fake_quant_on"] == 0:
