@@ -70,3 +70,30 @@ def test_bad_recipe_is_one_line_without_traceback(tmp_path):
 def test_missing_recipe_names_bundled_ones():
     r = qatkit("run", "no_such_recipe")
     assert r.returncode == 2 and "bundled: basic_motions_cnn, digits_mlp" in r.stderr
+
+
+def test_usage_errors_have_no_traceback():
+    r = qatkit("run", "--bogus")
+    assert r.returncode == 2 and "No such option" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fp32_checkpoint_with_folded_batchnorm_reloads(tmp_path):
+    first = {
+        "name": "bm",
+        "data": {"name": "basic_motions", "batch_size": 8},
+        "model": {"name": "cnn1d", "args": {"channels": [8]}},
+        "fp32": {"train": {"epochs": 2, "lr": 0.003}},
+        "variants": [{"name": "w8", "quant": {"preset": "w8"}, "qat": None}],
+        "export": {"onnx": False},
+    }
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(first))
+    assert qatkit("run", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "a"), "--no-progress").returncode == 0
+    second = dict(first, fp32={"checkpoint": str(tmp_path / "a" / "fp32.safetensors")})
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(second))
+    r = qatkit("run", str(tmp_path / "b.yaml"), "--out", str(tmp_path / "b"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    rows = {(x["stage"], x["runtime"]): x for x in json.loads((tmp_path / "b" / "report.json").read_text())["rows"]}
+    first_rows = {
+        (x["stage"], x["runtime"]): x for x in json.loads((tmp_path / "a" / "report.json").read_text())["rows"]
+    }
+    assert rows["fp32", "pytorch"]["metrics"] == first_rows["fp32", "pytorch"]["metrics"]

@@ -144,3 +144,43 @@ def test_mlp_layers_fuse_to_qgemm_and_the_logits_layer_to_integer_matmul(qat_mlp
     _, qat = qat_mlp
     path = export_onnx(qat, digits.test.tensors[0][:2], tmp_path / "q.onnx")
     assert verify.fused_int8_ops(path) == {"QGemm": 2, "MatMulIntegerToFloat": 1}
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"weight": {"granularity": "tensor"}, "activation": {}},
+        {"weight": {"signed": False, "symmetric": False}, "activation": {}},
+        {"weight": {"symmetric": False, "learnable": True}, "activation": {"signed": True, "symmetric": True}},
+        {"weight": None, "activation": {"bits": 6}},
+    ],
+    ids=["per-tensor", "unsigned-weights", "lsq-signed-acts", "activation-only"],
+)
+def test_weight_and_activation_layouts_export_and_match(rule, tmp_path, digits):
+    torch.manual_seed(0)
+    model = MLP(digits.input_shape, 10, hidden=[32, 16])
+    prepare(model, {"rules": [dict(rule, types=["Linear"])]})
+    calibrate(model, make_loader(digits.train, 64, True), 2)
+    x = digits.test.tensors[0]
+    path = export_onnx(model, x[:2], tmp_path / "m.onnx")
+    ours, ref = verify.run(verify.session(path), x.numpy()), model(x).detach().numpy()
+    assert (ours.argmax(1) == ref.argmax(1)).mean() >= 0.99 and np.abs(ours - ref).max() < 0.05
+    if rule["weight"] is not None:  # every quantized Linear runs as an integer kernel, none as a float Gemm
+        ops = verify.optimized_op_counts(path)
+        assert sum(verify.fused_int8_ops(path).values()) == 3 and not ops.get("Gemm") and not ops.get("FusedGemm")
+
+
+def test_export_right_after_an_optimizer_step_uses_current_weights(tmp_path, digits):
+    torch.manual_seed(0)
+    model = MLP(digits.input_shape, 10, hidden=[32])
+    prepare(model, "int8")
+    calibrate(model, make_loader(digits.train, 64, True), 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    x, y = digits.train.tensors
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[:64]), y[:64]).backward()
+        opt.step()
+    path = export_onnx(model, x[:2], tmp_path / "m.onnx")  # no forward since the last step
+    ours, ref = verify.run(verify.session(path), x[:200].numpy()), model.eval()(x[:200]).detach().numpy()
+    assert np.abs(ours - ref).max() < 0.05

@@ -100,3 +100,37 @@ def test_group_granularity_wrapper(tiny_mlp):
     assert isinstance(fq, FakeQuantizer) and fq.scale.numel() == 32 * 64 // 8
     out = tiny_mlp(torch.rand(2, 1, 8, 8))
     assert out.shape == (2, 10)
+
+
+def test_failed_prepare_leaves_the_model_untouched():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with pytest.raises(RecipeError, match=r"layer '2' \(rule 0\): input size 8 is not a multiple of group_size 16"):
+        prepare(model, {"rules": [{"weight": {"granularity": "group", "group_size": 16}}]})
+    assert [type(m) for m in model] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+
+
+def test_ffn_only_on_torch_transformer_encoder_layer():
+    layer = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), num_layers=2)
+    report = prepare(layer, "ffn-only")
+    assert {r.name for r in report.quantized} == {f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)}
+    assert all(not r.quantized for r in report.rows if "self_attn" in r.name)
+
+
+def test_learnable_scale_trains_without_calibration_and_skips_weight_decay(tiny_mlp):
+    from qatkit.train.loop import param_groups
+
+    prepare(tiny_mlp, {"rules": [{"types": "Linear", "weight": {"bits": 4, "learnable": True}}]})
+    fq = tiny_mlp.net[1].weight_quant
+    opt = torch.optim.AdamW(param_groups(tiny_mlp, 0.1), lr=1e-2)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(tiny_mlp(x), y).backward()
+        opt.step()
+    assert not bool(fq.observer_on)
+    init = fq.scale.detach().clone()
+    torch.nn.functional.cross_entropy(tiny_mlp(x), y).backward()
+    opt.step()
+    assert not torch.equal(init, fq.scale.detach())  # the learned scale moved and was not re-observed
+    groups = opt.param_groups
+    assert groups[1]["weight_decay"] == 0.0 and any(p is fq.scale for p in groups[1]["params"])

@@ -42,3 +42,21 @@ def test_quantizer_state_is_not_reported_missing():
     prepare(dst, "int8")
     report = warm_start(dst, src)
     assert report.ok and len(report.copied) == 4
+
+
+def test_quantizer_state_in_the_source_is_skipped_and_plain_safetensors_accepted(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    src = MLP((1, 8, 8), 10, hidden=[8])
+    prepare(src, {"rules": [{"types": "Linear", "weight": {"bits": 2}}]})
+    dst = MLP((1, 8, 8), 10, hidden=[8])
+    prepare(dst, "int8")
+    report = warm_start(dst, src.state_dict())
+    assert len(report.copied) == 4 and report.quantizer_state and report.ok
+    assert int(dst.net[1].weight_quant.spec.bits) == 8 and float(dst.net[1].weight_quant.scale[0]) == 1.0
+    plain = MLP((1, 8, 8), 10, hidden=[8])
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(tmp_path / "hf.safetensors"))
+    report = warm_start(dst, tmp_path / "hf.safetensors")
+    assert len(report.copied) == 4 and torch.equal(dst.net[1].weight, plain.net[1].weight)
+    assert any(line.startswith("  copied net.1.weight (8, 64)") for line in report.lines())

@@ -59,8 +59,11 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
     return Path(path)
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The qatkit metadata stored in a checkpoint (decoded); raises CheckpointError if unreadable."""
+def read_metadata(path: str | Path, allow_foreign: bool = False) -> dict:
+    """The qatkit metadata stored in a checkpoint (decoded); raises CheckpointError if unreadable.
+
+    ``allow_foreign`` accepts a plain safetensors file without qatkit metadata (returns ``{}``).
+    """
     from safetensors import safe_open
 
     try:
@@ -68,19 +71,24 @@ def read_metadata(path: str | Path) -> dict:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for bad headers
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({_short(e)})") from None
+    if allow_foreign and "format" not in meta:
+        return {}
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a qatkit checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
     return {k: (v if k == "format" else json.loads(v)) for k, v in meta.items()}
 
 
-def load_weights(path: str | Path, expect: dict | None = None) -> dict[str, torch.Tensor]:
-    """Load a safetensors state_dict; with ``expect``, refuse one whose metadata differs on those keys."""
+def load_weights(path: str | Path, expect: dict | None = None, allow_foreign: bool = False) -> dict[str, torch.Tensor]:
+    """Load a safetensors state_dict; with ``expect``, refuse one whose metadata differs on those keys.
+
+    ``allow_foreign`` also takes plain safetensors files written by other tools (for warm starts).
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    meta = read_metadata(path)
+    meta = read_metadata(path, allow_foreign=allow_foreign and not expect)
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
             raise CheckpointError(f"{path}: checkpoint is for {key}={meta.get(key)!r}, this run has {key}={want!r}")

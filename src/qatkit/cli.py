@@ -74,7 +74,7 @@ def layers(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file o
     from .fold import fold_batchnorm
     from .models import build_model
     from .prepare import plan
-    from .recipe import load_recipe
+    from .recipe import RecipeError, load_recipe
 
     r = load_recipe(resolve_recipe(recipe))
     data = load_dataset(r.data.name, r.data.val_fraction, r.seed)
@@ -82,7 +82,10 @@ def layers(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file o
         model = build_model(r.model.name, data.input_shape, data.num_classes, **r.model.args)
         if r.fp32.fold_batchnorm:
             fold_batchnorm(model)
-        report, _ = plan(model, v.quant)
+        try:
+            report, _ = plan(model, v.quant)
+        except RecipeError as e:
+            raise RecipeError(f"variant {v.name!r}: {e}") from None
         table = report.rich_table()
         table.title = f"{v.name}: {report.summary()}"
         console.print(table)
@@ -100,37 +103,24 @@ def recipes() -> None:
 
 
 def main() -> None:
-    """Entry point: run the app, turning expected errors into one line and exit status 2."""
+    """Entry point: usage errors are typer's (exit 2); expected failures print one line and exit 2."""
     from .checkpoint import CheckpointError
     from .recipe import RecipeError
 
+    expected = (RecipeError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError)
     debug = "--debug" in sys.argv
     try:
-        app(standalone_mode=False)
-    except (RecipeError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
-        if debug:
-            raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        app()
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
+    except Exception as e:
         if debug:
             raise
-        err_console.print(
-            f"[bold red]error:[/] {type(e).__name__}: {e} (rerun with --debug for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.exit(1)
+        known = isinstance(e, expected)
+        msg = str(e) if known else f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
+        err_console.print(f"[bold red]error:[/] {' '.join(msg.split())}", highlight=False, soft_wrap=True)
+        sys.exit(2 if known else 1)
 
 
 if __name__ == "__main__":

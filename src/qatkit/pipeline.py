@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .checkpoint import save_weights
+from .checkpoint import read_metadata, save_weights
 from .data import load_dataset
 from .export import verify
 from .export.onnx import export_onnx
@@ -23,7 +23,7 @@ from .fold import fold_batchnorm
 from .models import build_model
 from .prepare import prepare, quant_status
 from .ptq import calibrate
-from .recipe import Recipe, Variant
+from .recipe import Recipe, RecipeError, Variant
 from .report import Report, Row
 from .train import agreement, classification_metrics, fit, make_loader, predict
 from .warmstart import warm_start
@@ -74,22 +74,26 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
     # ---- FP32 baseline -------------------------------------------------------------------------
     console.rule(f"[bold]{recipe.name}[/]: FP32 baseline")
     fp32 = new_model()
+    folded: list[str] = []
     if recipe.fp32.checkpoint is not None:
+        if read_metadata(recipe.fp32.checkpoint, allow_foreign=True).get("folded"):
+            folded = fold_batchnorm(fp32)  # saved after folding: give the model the same structure first
         ws = warm_start(fp32, recipe.fp32.checkpoint, strict=True)
         console.print("\n".join(ws.lines()), highlight=False)
     else:
         train(fp32, recipe.fp32.train, "fp32")
-    folded = fold_batchnorm(fp32) if recipe.fp32.fold_batchnorm else []
+    if recipe.fp32.fold_batchnorm:
+        folded += fold_batchnorm(fp32)
     if folded:
         console.print(f"folded BatchNorm into the preceding layer: {', '.join(folded)}")
-    ckpt = save_weights(out / "fp32.safetensors", fp32.state_dict(), dict(fingerprint, stage="fp32"))
+    ckpt = save_weights(out / "fp32.safetensors", fp32.state_dict(), dict(fingerprint, stage="fp32", folded=folded))
     record(fp32, "fp32", "fp32", ckpt.stat().st_size)
 
     # ---- each quantized variant: PTQ, then QAT warm-started from the float checkpoint -----------
     for v in recipe.variants:
         console.rule(f"[bold]{v.name}[/]: PTQ and QAT")
         ptq_model = copy.deepcopy(fp32)
-        layers = prepare(ptq_model, v.quant)
+        layers = _prepare_variant(ptq_model, v)
         console.print(layers.rich_table())
         report.layers[v.name] = layers.to_dict()
         calibrate(ptq_model, make_loader(data.train, bs, True, recipe.seed), v.ptq.calib_batches)
@@ -98,7 +102,7 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         record(ptq_model, v.name, "ptq", pckpt.stat().st_size)
         if v.qat is None:
             continue
-        qat_model, ws = _warm_started(new_model, recipe, v, ckpt)
+        qat_model, ws = _warm_started(new_model, bool(folded), v, ckpt)
         report.warm_start[v.name] = ws.to_dict()
         console.print("\n".join(ws.lines()), highlight=False)
         calibrate(qat_model, make_loader(data.train, bs, True, recipe.seed), v.ptq.calib_batches)
@@ -122,12 +126,21 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
     return report
 
 
-def _warm_started(new_model, recipe: Recipe, v: Variant, ckpt: Path):
-    """A fresh model, prepared for ``v`` and warm-started from the FP32 checkpoint file (seed 003)."""
+def _prepare_variant(model: torch.nn.Module, v: Variant):
+    """prepare() with the variant named in any recipe error."""
+    try:
+        return prepare(model, v.quant)
+    except RecipeError as e:
+        raise RecipeError(f"variant {v.name!r}: {e}") from None
+
+
+def _warm_started(new_model, folded: bool, v: Variant, ckpt: Path):
+    """A fresh model (BatchNorm folded like the FP32 one), prepared for ``v`` and warm-started from the FP32
+    checkpoint file (seed 003)."""
     model = new_model()
-    if recipe.fp32.fold_batchnorm:
+    if folded:
         fold_batchnorm(model)
-    prepare(model, v.quant)
+    _prepare_variant(model, v)
     return model, warm_start(model, ckpt)
 
 

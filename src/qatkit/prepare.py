@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .nn.fake_quantizer import FakeQuantizer
+from .nn.fake_quantizer import FakeQuantizer, num_scales
 from .nn.modules import QUANT_MODULES, REPORTED_TYPES, QuantModule
 from .recipe import QuantRecipe, RecipeError, Rule, parse_quant
 
@@ -112,6 +112,18 @@ def _describe(spec_model) -> str:
     return f"{kind}{s.bits} {gran}{extra}"
 
 
+def _check_fits(name: str, label: str, rule: Rule, module: nn.Module) -> None:
+    """Fail before any layer is swapped if a rule's settings cannot apply to this layer's weight."""
+    try:
+        if rule.weight is not None:
+            num_scales(rule.weight.to_spec(), tuple(module.weight.shape))
+        for t in (rule.activation, rule.output):
+            if t is not None:
+                t.to_spec()
+    except ValueError as e:
+        raise RecipeError(f"layer {name!r} ({label}): {e}") from None
+
+
 def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerReport, dict[str, Rule]]:
     """Decide, without changing the model, which layers each rule quantizes; errors on dead rules."""
     recipe = parse_quant(recipe)
@@ -142,6 +154,7 @@ def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerRepor
         label, rule = rules[winner]
         tensors = (rule.weight, rule.activation, rule.output)
         if rule.quantize and any(t is not None for t in tensors):
+            _check_fits(name, label, rule, m)
             decided[name] = rule
             w, a, o = (_describe(t) for t in tensors)
             report.rows.append(LayerRow(name, type(m).__name__, True, label, w, a, params, o))
@@ -149,8 +162,9 @@ def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerRepor
             report.rows.append(LayerRow(name, type(m).__name__, False, f"{label} (kept float)", params=params))
     for i, (label, rule) in enumerate(rules):
         if matched[i] == 0:
-            names = [r.name for r in report.rows][:12]
-            raise RecipeError(f"{label} ({rule.describe()}) matches no layer; layers are: {', '.join(names) or 'none'}")
+            names = [r.name for r in report.rows]
+            shown = ", ".join(names[:12]) + (f" (+{len(names) - 12} more)" if len(names) > 12 else "")
+            raise RecipeError(f"{label} ({rule.describe()}) matches no layer; layers are: {shown or 'none'}")
         if won[i] == 0 and not label.startswith("preset"):
             raise RecipeError(f"{label} ({rule.describe()}) only matches layers already taken by earlier rules")
     return report, decided

@@ -27,6 +27,14 @@ FFN_PATTERNS = [
     "*.fc1",
     "fc2",
     "*.fc2",
+    "linear1",
+    "*.linear1",
+    "linear2",
+    "*.linear2",
+    "*DenseReluDense.wi",
+    "*DenseReluDense.wi_0",
+    "*DenseReluDense.wi_1",
+    "*DenseReluDense.wo",
     "*intermediate.dense",
     "*.output.dense",
     "*gate_proj",
@@ -37,7 +45,8 @@ FFN_PATTERNS = [
     "*ffn*",
     "*feed_forward*",
 ]
-"""Transformer feed-forward layers across common naming schemes (fairseq/BART, BERT, Llama/Qwen, timm)."""
+"""Transformer feed-forward layers across common naming schemes: fairseq/BART, torch.nn.TransformerEncoderLayer,
+T5, BERT, Llama/Qwen, timm."""
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "int8": [{"types": ["Linear", "Conv1d", "Conv2d"], "weight": W8, "activation": A8}],

@@ -121,7 +121,17 @@ class Report:
                     "; ".join(lat),
                 ]
             )
+            if self.binary:
+                rows[-1].insert(5, f"{m['roc_auc']:.4f}" if "roc_auc" in m else "")
         return rows
+
+    @property
+    def binary(self) -> bool:
+        """Two-class task: the tables get a ROC-AUC column."""
+        return len(self.class_names) == 2
+
+    def header(self) -> list[str]:
+        return self.HEADER[:5] + ["ROC-AUC"] + self.HEADER[5:] if self.binary else list(self.HEADER)
 
     HEADER = [
         "stage",
@@ -144,8 +154,8 @@ class Report:
             "",
             f"Data: {self.data}. Classes (recall order): {', '.join(self.class_names)}.",
             "",
-            "| " + " | ".join(self.HEADER) + " |",
-            "|" + "---|" * len(self.HEADER),
+            "| " + " | ".join(self.header()) + " |",
+            "|" + "---|" * len(self.header()),
         ]
         lines += ["| " + " | ".join(r) + " |" for r in self._table_rows()]
         lines += [
@@ -176,7 +186,7 @@ class Report:
         from rich.table import Table
 
         t = Table(title=f"qatkit report: {self.recipe.get('name', 'run')}")
-        for h in self.HEADER:
+        for h in self.header():
             t.add_column("worst recall" if h == "per-class recall" else h)
         for r in self._table_rows(full=False):
             t.add_row(*r)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .nn.fake_quantizer import FakeQuantizer
+from .nn.modules import QUANTIZER_ATTRS
 
 
 @dataclass
@@ -17,19 +18,23 @@ class WarmStartReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    quantizer_state: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not (self.mismatched or self.unused or self.missing)
 
     def summary(self) -> str:
+        extra = f"; {len(self.quantizer_state)} quantizer tensors left to calibration" if self.quantizer_state else ""
         return (
             f"warm start: copied {len(self.copied)} tensors; skipped {len(self.mismatched)} with mismatched shapes, "
-            f"{len(self.unused)} not in the model; {len(self.missing)} model tensors had no source"
+            f"{len(self.unused)} not in the model; {len(self.missing)} model tensors had no source{extra}"
         )
 
     def lines(self) -> list[str]:
+        """The summary, then one line per copied and per skipped tensor."""
         out = [self.summary()]
+        out += [f"  copied {n} {tuple(s)}" for n, s in self.copied]
         out += [f"  shape mismatch {n}: source {tuple(s)} vs model {tuple(d)}" for n, s, d in self.mismatched]
         out += [f"  not in model: {n}" for n in self.unused]
         out += [f"  no source for: {n}" for n in self.missing]
@@ -42,6 +47,7 @@ class WarmStartReport:
             "mismatched": [{"name": n, "source": list(s), "model": list(d)} for n, s, d in self.mismatched],
             "unused": self.unused,
             "missing": self.missing,
+            "quantizer_state": self.quantizer_state,
         }
 
 
@@ -54,18 +60,27 @@ def quantizer_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def is_quantizer_key(name: str) -> bool:
+    """A state_dict key that belongs to a quantizer (``...weight_quant.scale`` and the like)."""
+    return any(part in QUANTIZER_ATTRS for part in name.split("."))
+
+
 def warm_start(
-    model: nn.Module, source: nn.Module | dict[str, torch.Tensor] | str | Path, strict: bool = False
+    model: nn.Module,
+    source: nn.Module | dict[str, torch.Tensor] | str | Path,
+    strict: bool = False,
+    include_quantizer_state: bool = False,
 ) -> WarmStartReport:
     """Copy every source tensor whose name and shape match; report the rest.
 
-    ``source`` is a float model, its state_dict, or a safetensors file. ``strict=True`` raises if anything
-    other than quantizer state was left uncopied.
+    ``source`` is a float model, its state_dict, or a safetensors file (qatkit's or a plain one). Quantizer
+    state in the source (scales from another recipe) is skipped unless ``include_quantizer_state``; the
+    model's own quantizers are set by calibration. ``strict=True`` raises if any weight was left uncopied.
     """
     if isinstance(source, (str, Path)):
         from .checkpoint import load_weights
 
-        source = load_weights(source)
+        source = load_weights(source, allow_foreign=True)
     elif isinstance(source, nn.Module):
         source = source.state_dict()
     target = model.state_dict()
@@ -73,7 +88,9 @@ def warm_start(
     report = WarmStartReport()
     updates = {}
     for name, tensor in source.items():
-        if name not in target:
+        if is_quantizer_key(name) and not include_quantizer_state:
+            report.quantizer_state.append(name)
+        elif name not in target:
             report.unused.append(name)
         elif tuple(target[name].shape) != tuple(tensor.shape):
             report.mismatched.append((name, tuple(tensor.shape), tuple(target[name].shape)))

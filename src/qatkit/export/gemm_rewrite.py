@@ -23,14 +23,27 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
-def _feeds_quantize(name: str, consumers: dict, outputs: set[str]) -> bool:
-    """True if every use of ``name`` is a QuantizeLinear, directly or through a single Relu."""
+def _feeds_quantize(name: str, consumers: dict, outputs: set[str], inits: dict, through_relu: bool = False) -> bool:
+    """True if every use of ``name`` is a QuantizeLinear, directly or through a single Relu.
+
+    ORT drops a Relu before a Q only when the Q's zero point is the bottom of its range (uint8 0, int8 -128):
+    then Relu is a no-op on the quantized values and the Gemm still fuses.
+    """
     users = consumers.get(name, [])
     if name in outputs or not users:
         return False
-    if len(users) == 1 and users[0].op_type == "Relu":
-        return _feeds_quantize(users[0].output[0], consumers, outputs)
-    return all(u.op_type == "QuantizeLinear" for u in users)
+    if len(users) == 1 and users[0].op_type == "Relu" and not through_relu:
+        return _feeds_quantize(users[0].output[0], consumers, outputs, inits, through_relu=True)
+    if not all(u.op_type == "QuantizeLinear" for u in users):
+        return False
+    return not through_relu or all(_zero_point_is_floor(u, inits) for u in users)
+
+
+def _zero_point_is_floor(q: onnx.NodeProto, inits: dict) -> bool:
+    if len(q.input) < 3 or q.input[2] not in inits:
+        return False
+    zp = numpy_helper.to_array(inits[q.input[2]])
+    return zp.size == 1 and int(zp.reshape(-1)[0]) == int(np.iinfo(zp.dtype).min)
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -58,7 +71,7 @@ def rewrite_unfused_gemms(model: onnx.ModelProto) -> int:
             or a.get("transB", 0) != 1
             or a.get("alpha", 1.0) != 1.0
             or a.get("beta", 1.0) != 1.0
-            or _feeds_quantize(node.output[0], consumers, outputs)
+            or _feeds_quantize(node.output[0], consumers, outputs, inits)
         ):
             new_nodes.append(node)
             continue

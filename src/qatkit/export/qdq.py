@@ -28,29 +28,32 @@ class QDQWeight(nn.Module):
     def __init__(self, weight: torch.Tensor, fq: FakeQuantizer):
         super().__init__()
         spec = fq.spec
+        if bool(fq.observer_on):  # tracked ranges are refreshed on each forward: the last step's may be stale
+            fq.update_range(weight)
         self.qmin, self.qmax, self.ch_axis, self.group = spec.qmin, spec.qmax, fq.ch_axis, fq.group_size
+        self.dtype = torch.uint8 if spec.qmin >= 0 else torch.int8
         codes = quantize_to_int(
             weight.detach(), fq.scale.detach(), fq.zero_point, spec.qmin, spec.qmax, fq.ch_axis, fq.group_size
         )
         if self.group:  # one row per group, so a per-row DequantizeLinear does per-group scaling
             codes = codes.reshape(-1, self.group)
-        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("codes", codes.to(self.dtype))
         self.register_buffer("scale", fq.scale.detach().clone().float())
         self.register_buffer("zero_point", fq.zero_point.detach().clone().to(torch.int64))
+        self.tensor_qparams = (float(self.scale.reshape(-1)[0]), int(self.zero_point.reshape(-1)[0]))
         self.shape = tuple(weight.shape)
 
     def forward(self) -> torch.Tensor:
         if self.group:
             rows = qd.dequantize_per_channel(
-                self.codes, self.scale, self.zero_point, 0, self.qmin, self.qmax, torch.int8
+                self.codes, self.scale, self.zero_point, 0, self.qmin, self.qmax, self.dtype
             )
             return rows.reshape(self.shape)
         if self.ch_axis is None:
-            return qd.dequantize_per_tensor(
-                self.codes, float(self.scale), int(self.zero_point), self.qmin, self.qmax, torch.int8
-            )
+            s, zp = self.tensor_qparams
+            return qd.dequantize_per_tensor(self.codes, s, zp, self.qmin, self.qmax, self.dtype)
         return qd.dequantize_per_channel(
-            self.codes, self.scale, self.zero_point, self.ch_axis, self.qmin, self.qmax, torch.int8
+            self.codes, self.scale, self.zero_point, self.ch_axis, self.qmin, self.qmax, self.dtype
         )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-INT8_KERNELS = {
+INTEGER_KERNELS = {
     "QGemm",
     "QLinearMatMul",
     "QLinearConv",
@@ -22,8 +22,10 @@ INT8_KERNELS = {
     "QLinearMul",
     "DynamicQuantizeMatMul",
     "QAttention",
+    "MatMulNBits",
+    "GatherBlockQuantized",
 }
-"""ORT op types that compute in integers (what QDQ fusion should produce)."""
+"""ORT op types that compute on integer data (what QDQ fusion should produce)."""
 
 
 def session(path: str | Path, threads: int = 1, optimized_path: str | Path | None = None):
@@ -59,7 +61,7 @@ def optimized_op_counts(path: str | Path) -> Counter:
 
 def fused_int8_ops(path: str | Path) -> dict[str, int]:
     """Integer kernels in ORT's optimised graph; empty means the QDQ graph runs in float."""
-    return {k: v for k, v in optimized_op_counts(path).items() if k in INT8_KERNELS}
+    return {k: v for k, v in optimized_op_counts(path).items() if k in INTEGER_KERNELS}
 
 
 def file_size(path: str | Path) -> int:

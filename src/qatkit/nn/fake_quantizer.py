@@ -71,6 +71,8 @@ class FakeQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if bool(self.observer_on):
             self.update_range(x)
+            if self.spec.learnable and self.training:  # a learned scale is initialised once, then trained
+                self.set_observer(False)
         if not bool(self.fake_quant_on):
             return x
         fn = lsq_fake_quantize if self.spec.learnable else fake_quantize

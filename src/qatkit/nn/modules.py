@@ -52,7 +52,7 @@ class QuantModule:
         """The plain float module with the same (possibly trained) parameters."""
         f = self.float_type.__new__(self.float_type)
         f.__dict__ = _clone_module_dict(self)
-        for key in ("weight_quant", "input_quant", "output_quant"):
+        for key in QUANTIZER_ATTRS:
             f._modules.pop(key, None)
         return f
 
@@ -89,6 +89,9 @@ class QuantConv2d(QuantModule, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_output(self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias))
 
+
+QUANTIZER_ATTRS = ("weight_quant", "input_quant", "output_quant")
+"""Attribute names under which wrappers hold their quantizers (and so their state_dict key segments)."""
 
 QUANT_MODULES: dict[type[nn.Module], type[QuantModule]] = {
     nn.Linear: QuantLinear,

@@ -1,7 +1,19 @@
 """Training: the loop, LR schedules and metrics."""
 
+from ..recipe import EarlyStopping, TrainConfig
 from .loop import FitResult, evaluate, fit, make_loader, predict
 from .metrics import agreement, classification_metrics
 from .schedules import SCHEDULES
 
-__all__ = ["FitResult", "SCHEDULES", "agreement", "classification_metrics", "evaluate", "fit", "make_loader", "predict"]
+__all__ = [
+    "EarlyStopping",
+    "TrainConfig",
+    "FitResult",
+    "SCHEDULES",
+    "agreement",
+    "classification_metrics",
+    "evaluate",
+    "fit",
+    "make_loader",
+    "predict",
+]

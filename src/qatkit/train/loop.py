@@ -74,6 +74,19 @@ def class_weight_tensor(spec, targets: torch.Tensor, num_classes: int) -> torch.
     return torch.tensor(spec, dtype=torch.float32)
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Model weights with ``weight_decay``; quantizer step sizes (LSQ scales) without, so they do not shrink."""
+    from ..nn.fake_quantizer import FakeQuantizer
+
+    quant_ids = {id(p) for m in model.modules() if isinstance(m, FakeQuantizer) for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in quant_ids], "weight_decay": weight_decay}]
+    scales = [p for p in trainable if id(p) in quant_ids]
+    if scales:
+        groups.append({"params": scales, "weight_decay": 0.0})
+    return groups
+
+
 def score(metrics: dict, monitor: str) -> tuple[float, float]:
     """Sortable (primary, tie-break) pair where larger is better; ties on accuracy go to lower loss."""
     if monitor == "loss":
@@ -107,8 +120,9 @@ def fit(
     weight = class_weight_tensor(cfg.class_weights, targets, num_classes)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     steps_per_epoch = len(train_loader)
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
