@@ -13,8 +13,7 @@ from qatkit.export import verify
 from qatkit.export.onnx import export_onnx
 from qatkit.fold import fold_batchnorm
 from qatkit.models import MLP, CNN1d
-from qatkit.recipe import TrainConfig
-from qatkit.train import fit, make_loader, predict
+from qatkit.train import TrainConfig, fit, make_loader, predict
 
 
 @pytest.fixture(scope="module")

@@ -7,26 +7,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from .config_base import RecipeError, Strict, one_of
 from .presets import PRESETS, preset_rules
 from .quant.observers import OBSERVERS
 from .quant.spec import QuantSpec
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used, with the place of the fault in the message."""
-
-
-def _one_of(value: str, allowed: typing.Iterable[str], what: str) -> str:
-    allowed = sorted(allowed)
-    if value not in allowed:
-        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
-    return value
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+from .train_config import TrainConfig
 
 
 class TensorQuant(Strict):
@@ -45,7 +32,7 @@ class TensorQuant(Strict):
     @field_validator("observer")
     @classmethod
     def _observer(cls, v: str) -> str:
-        return _one_of(v, OBSERVERS, "observer")
+        return one_of(v, OBSERVERS, "observer")
 
     @model_validator(mode="after")
     def _group(self) -> TensorQuant:
@@ -93,7 +80,7 @@ class Rule(Strict):
         from .nn.modules import QUANT_MODULES
 
         names = [t.__name__ for t in QUANT_MODULES]
-        return [_one_of(t, names, "layer type") for t in v]
+        return [one_of(t, names, "layer type") for t in v]
 
     @field_validator("match", "exclude")
     @classmethod
@@ -128,7 +115,7 @@ class QuantRecipe(Strict):
     @field_validator("preset")
     @classmethod
     def _preset(cls, v: str | None) -> str | None:
-        return None if v is None else _one_of(v, PRESETS, "preset")
+        return None if v is None else one_of(v, PRESETS, "preset")
 
     @model_validator(mode="after")
     def _nonempty(self) -> QuantRecipe:
@@ -144,36 +131,6 @@ class QuantRecipe(Strict):
         return out
 
 
-class EarlyStopping(Strict):
-    patience: int = Field(10, ge=1)
-    min_delta: float = Field(0.0, ge=0.0)
-
-
-class TrainConfig(Strict):
-    """One training stage: optimiser, schedule, regularisation and stopping."""
-
-    epochs: int = Field(20, ge=0)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adamw"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: str = "constant"
-    warmup_epochs: float = Field(0.0, ge=0)
-    end_lr: float = Field(0.0, ge=0)
-    power: float = Field(1.0, gt=0)
-    grad_clip: float | None = Field(None, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weights: Literal["balanced"] | list[float] | None = None
-    monitor: Literal["accuracy", "loss", "macro_f1"] = "accuracy"
-    early_stopping: EarlyStopping | None = None
-
-    @field_validator("schedule")
-    @classmethod
-    def _schedule(cls, v: str) -> str:
-        from .train.schedules import SCHEDULES
-
-        return _one_of(v, SCHEDULES, "schedule")
-
-
 class DataConfig(Strict):
     name: str = "digits"
     batch_size: int = Field(64, ge=1)
@@ -185,7 +142,7 @@ class DataConfig(Strict):
     def _name(cls, v: str) -> str:
         from .data import DATASETS
 
-        return _one_of(v, DATASETS, "dataset")
+        return one_of(v, DATASETS, "dataset")
 
 
 class ModelConfig(Strict):
@@ -197,7 +154,7 @@ class ModelConfig(Strict):
     def _name(cls, v: str) -> str:
         from .models import MODELS
 
-        return _one_of(v, MODELS, "model")
+        return one_of(v, MODELS, "model")
 
 
 class FloatStage(Strict):

@@ -1,6 +1,6 @@
 """Training: the loop, LR schedules and metrics."""
 
-from ..recipe import EarlyStopping, TrainConfig
+from ..train_config import EarlyStopping, TrainConfig
 from .loop import FitResult, evaluate, fit, make_loader, predict
 from .metrics import agreement, classification_metrics
 from .schedules import SCHEDULES

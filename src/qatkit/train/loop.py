@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..recipe import TrainConfig
+from ..train_config import TrainConfig
 from .metrics import classification_metrics
 from .schedules import lr_multiplier
 
