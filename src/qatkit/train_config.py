@@ -67,7 +67,7 @@ class TrainConfig(Strict):
     monitor: Literal["accuracy", "loss", "macro_f1"] = "accuracy"
     early_stopping: EarlyStopping | None = None
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    validate: bool = True
+    validation: bool = True
     quantize: bool = True
     fake_quant_delay_steps: int = Field(0, ge=0)
     freeze_observers_after_steps: int | None = Field(None, ge=0)
@@ -85,6 +85,6 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _plateau_needs_validation(self) -> TrainConfig:
-        if self.schedule == "plateau" and not self.validate:
-            raise ValueError("schedule 'plateau' needs validate: true")
+        if self.schedule == "plateau" and not self.validation:
+            raise ValueError("schedule 'plateau' needs validation: true")
         return self
