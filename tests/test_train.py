@@ -69,12 +69,11 @@ def test_fit_learns_logs_and_keeps_best(tmp_path):
         label_smoothing=0.1,
         class_weights="balanced",
     )
-    res = fit(
-        model, _toy(), _toy(128, 1), cfg, num_classes=2, batch_size=32, log_path=tmp_path / "log.csv", progress=False
-    )
+    res = fit(model, _toy(), _toy(128, 1), cfg, num_classes=2, batch_size=32, run_dir=tmp_path, stage="toy",
+              progress=False)  # fmt: skip
     assert res.best_metrics["accuracy"] > 0.9
-    lines = (tmp_path / "log.csv").read_text().splitlines()
-    assert lines[0].startswith("epoch,step,lr,train_loss,grad_norm_mean,grad_norm_max,val_accuracy")
+    lines = (tmp_path / "toy_train.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,step,lr,train_loss,grad_norm_mean,grad_norm_max,skipped_steps,val_accuracy")
     assert len(lines) == 9
     norms = [float(r.split(",")[5]) for r in lines[1:]]  # grad_norm_max: the norm before clipping
     assert all(math.isfinite(n) and n > 0 for n in norms)

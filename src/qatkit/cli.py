@@ -58,13 +58,22 @@ def run(
     recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or bundled recipe name (default: digits_mlp)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<recipe name>)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="'auto': skip finished stages, continue the interrupted one; or a checkpoint path."
+    ),
 ) -> None:
     """Run FP32 -> PTQ -> QAT -> ONNX export -> ONNX Runtime verification; write DIR/report.{json,md}."""
     from .pipeline import run as run_pipeline
     from .recipe import load_recipe
+    from .train.loop import TrainingInterrupted
 
     r = load_recipe(resolve_recipe(recipe))
-    run_pipeline(r, out or Path("runs") / r.name, console=console, progress=not no_progress and console.is_terminal)
+    show = not no_progress and console.is_terminal
+    try:
+        run_pipeline(r, out or Path("runs") / r.name, console=console, progress=show, resume=resume)
+    except TrainingInterrupted as e:
+        err_console.print(f"stopped: {e}", highlight=False, soft_wrap=True)
+        sys.exit(130)
 
 
 @app.command()

@@ -7,11 +7,9 @@ files are run in ONNX Runtime on the same split and compared with the PyTorch mo
 from __future__ import annotations
 
 import copy
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 
@@ -25,40 +23,52 @@ from .prepare import prepare, quant_status
 from .ptq import calibrate
 from .recipe import Recipe, RecipeError, Variant
 from .report import Report, Row
-from .train import agreement, classification_metrics, fit, make_loader, predict
+from .stages import StageRunner, seed_everything
+from .train import agreement, classification_metrics, make_loader, predict
+from .train.distributed import barrier, init_from_env
 from .warmstart import warm_start
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def run(
+    recipe: Recipe,
+    out_dir: str | Path,
+    console: Console | None = None,
+    progress: bool = True,
+    resume: str | None = None,
+) -> Report:
+    """Run every stage of ``recipe``; write checkpoints, ONNX files and the report into ``out_dir``.
 
-
-def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, progress: bool = True) -> Report:
-    """Run every stage of ``recipe``; write checkpoints, ONNX files and the report into ``out_dir``."""
+    ``resume``: None starts afresh; ``"auto"`` skips finished stages and continues the interrupted one from
+    its last checkpoint; a checkpoint path continues that checkpoint's stage. Under torchrun every rank
+    trains; only rank 0 writes files, exports and verifies.
+    """
+    info = init_from_env()
     console = console or Console()
+    console.quiet = console.quiet or not info.main
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     seed_everything(recipe.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto" else recipe.device
     data = load_dataset(recipe.data.name, recipe.data.val_fraction, recipe.seed)
     bs, nc = recipe.data.batch_size, data.num_classes
     test_loader = make_loader(data.test, 512, False)
     x_test = data.test.tensors[0]
     report = Report(recipe=recipe.model_dump(mode="json"), data=data.info, class_names=data.class_names)
     fingerprint = {"recipe": recipe.name, "model": recipe.model.name}
+    stages = StageRunner(out, recipe, data, resume, progress, device)
 
     def new_model() -> torch.nn.Module:
         return build_model(recipe.model.name, data.input_shape, nc, **recipe.model.args)
 
     onnx_files: dict[str, tuple[Path, torch.Tensor, str, str]] = {}
 
-    def train(model: torch.nn.Module, cfg, name: str) -> None:
-        res = fit(model, data.train, data.val, cfg, num_classes=nc, batch_size=bs, seed=recipe.seed,
-                  num_workers=recipe.data.num_workers, log_path=out / f"{name}_train.csv", desc=name,
-                  progress=progress)  # fmt: skip
-        report.training[name] = {"epochs": len(res.history), "best_epoch": res.best_epoch, "seconds": res.seconds}
+    def save(name: str, model: torch.nn.Module, meta: dict) -> Path:
+        path = out / name
+        if info.main:
+            save_weights(path, model.state_dict(), dict(fingerprint, **meta))
+        barrier()
+        return path
 
     def record(model: torch.nn.Module, variant: str, stage: str, size_bytes: int | None = None) -> None:
         """Evaluate on the test split, add the PyTorch row, and export the model for the ORT rows."""
@@ -67,9 +77,16 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         status = None if variant == "fp32" else quant_status(model)
         report.add(Row(variant, stage, "pytorch", metrics, size_bytes=size_bytes, status=status))
         console.print(f"{stage.upper()} test accuracy {metrics['accuracy']:.4f}, NLL {metrics['loss']:.4f}")
-        if recipe.export.onnx:
+        if recipe.export.onnx and info.main:
             key, file = ("fp32", "fp32") if variant == "fp32" else (f"{variant}/{stage}", f"{variant}_{stage}")
             onnx_files[key] = (export_onnx(model, x_test[:2], out / f"{file}.onnx"), logits, variant, stage)
+
+    def summarize(prefix: str) -> None:
+        for name, res in stages.results.items():
+            if name == prefix or name.startswith(prefix + "-"):
+                report.training[name] = {"epochs": len(res.history), "best_epoch": res.best_epoch,
+                                         "seconds": res.seconds, "steps": res.steps, "gave_up": res.gave_up,
+                                         "interventions": res.interventions}  # fmt: skip
 
     # ---- FP32 baseline -------------------------------------------------------------------------
     console.rule(f"[bold]{recipe.name}[/]: FP32 baseline")
@@ -81,24 +98,24 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         ws = warm_start(fp32, recipe.fp32.checkpoint, strict=True)
         console.print("\n".join(ws.lines()), highlight=False)
     else:
-        train(fp32, recipe.fp32.train, "fp32")
+        stages.train(fp32, recipe.fp32.train, "fp32", recipe.seed)
+        summarize("fp32")
     if recipe.fp32.fold_batchnorm:
         folded += fold_batchnorm(fp32)
     if folded:
         console.print(f"folded BatchNorm into the preceding layer: {', '.join(folded)}")
-    ckpt = save_weights(out / "fp32.safetensors", fp32.state_dict(), dict(fingerprint, stage="fp32", folded=folded))
+    ckpt = save("fp32.safetensors", fp32, {"stage": "fp32", "folded": folded})
     record(fp32, "fp32", "fp32", ckpt.stat().st_size)
 
     # ---- each quantized variant: PTQ, then QAT warm-started from the float checkpoint -----------
-    for v in recipe.variants:
+    for vi, v in enumerate(recipe.variants):
         console.rule(f"[bold]{v.name}[/]: PTQ and QAT")
         ptq_model = copy.deepcopy(fp32)
         layers = _prepare_variant(ptq_model, v)
         console.print(layers.rich_table())
         report.layers[v.name] = layers.to_dict()
         calibrate(ptq_model, make_loader(data.train, bs, True, recipe.seed), v.ptq.calib_batches)
-        meta = dict(fingerprint, stage=f"{v.name}/ptq")
-        pckpt = save_weights(out / f"{v.name}_ptq.safetensors", ptq_model.state_dict(), meta)
+        pckpt = save(f"{v.name}_ptq.safetensors", ptq_model, {"stage": f"{v.name}/ptq"})
         record(ptq_model, v.name, "ptq", pckpt.stat().st_size)
         if v.qat is None:
             continue
@@ -110,9 +127,9 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         if status["fake_quant_on"] == 0:
             raise RuntimeError(f"variant {v.name}: QAT requested but no fake quantizer is active")
         console.print(f"QAT active: {status['fake_quant_on']} fake quantizers on {status['wrappers']} layers")
-        train(qat_model, v.qat, f"{v.name}_qat")
-        meta = dict(fingerprint, stage=f"{v.name}/qat")
-        qckpt = save_weights(out / f"{v.name}_qat.safetensors", qat_model.state_dict(), meta)
+        stages.train(qat_model, v.qat, f"{v.name}_qat", recipe.seed + 1000 * (vi + 1))
+        summarize(f"{v.name}_qat")
+        qckpt = save(f"{v.name}_qat.safetensors", qat_model, {"stage": f"{v.name}/qat"})
         record(qat_model, v.name, "qat", qckpt.stat().st_size)
 
     # ---- verify every exported file in ONNX Runtime ---------------------------------------------
@@ -120,7 +137,8 @@ def run(recipe: Recipe, out_dir: str | Path, console: Console | None = None, pro
         console.rule("[bold]ONNX Runtime[/]: accuracy, agreement, size, latency")
         _verify_onnx(onnx_files, data, nc, recipe, report)
     report.seconds = time.perf_counter() - t_start
-    report.write(out)
+    if info.main:
+        report.write(out)
     console.print(report.rich_table())
     console.print(f"report: {out / 'report.md'}")
     return report

@@ -13,7 +13,7 @@ from .config_base import RecipeError, Strict, one_of
 from .presets import PRESETS, preset_rules
 from .quant.observers import OBSERVERS
 from .quant.spec import QuantSpec
-from .train_config import TrainConfig
+from .train_config import STAGE_TAGS, Stages, TrainConfig
 
 
 class TensorQuant(Strict):
@@ -136,6 +136,9 @@ class DataConfig(Strict):
     batch_size: int = Field(64, ge=1)
     val_fraction: float = Field(0.15, ge=0.0, lt=0.9)
     num_workers: int = Field(0, ge=0)
+    persistent_workers: bool = False
+    prefetch_factor: int | None = Field(None, ge=1)
+    pin_memory: bool = False
 
     @field_validator("name")
     @classmethod
@@ -161,7 +164,7 @@ class FloatStage(Strict):
     """The float baseline: trained here, or loaded from a safetensors ``checkpoint``."""
 
     checkpoint: Path | None = None
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: Stages = Field(default_factory=TrainConfig)
     fold_batchnorm: bool = True
 
 
@@ -175,7 +178,8 @@ class Variant(Strict):
     name: str = Field(min_length=1)
     quant: QuantRecipe
     ptq: PTQConfig = Field(default_factory=PTQConfig)
-    qat: TrainConfig | None = Field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4))
+    qat: Stages | None = Field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4))
+    """One QAT stage, or a chain of stages (seed 000's stabilise-then-fine-tune), or None for PTQ only."""
 
 
 class ExportConfig(Strict):
@@ -189,6 +193,7 @@ class Recipe(Strict):
     name: str = "run"
     description: str = ""
     seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     fp32: FloatStage = Field(default_factory=FloatStage)
@@ -208,6 +213,8 @@ class Recipe(Strict):
 def _loc(loc: tuple) -> str:
     out = ""
     for part in loc:
+        if part in STAGE_TAGS:
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
 
@@ -216,7 +223,7 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class reached by following ``loc`` from ``cls`` (for listing allowed keys)."""
     cur: Any = cls
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or part in STAGE_TAGS:
             continue
         if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
             return None

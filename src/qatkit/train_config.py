@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from .config_base import Strict, one_of
 
@@ -88,3 +88,13 @@ class TrainConfig(Strict):
         if self.schedule == "plateau" and not self.validation:
             raise ValueError("schedule 'plateau' needs validation: true")
         return self
+
+
+STAGE_TAGS = ("one-stage", "stages")
+"""Union tags of :data:`Stages`; error messages leave them out of field paths."""
+
+Stages = Annotated[
+    Union[Annotated[TrainConfig, Tag("one-stage")], Annotated[list[TrainConfig], Tag("stages")]],  # noqa: UP007
+    Discriminator(lambda v: "stages" if isinstance(v, list) else "one-stage"),
+]
+"""One training stage, or a list of stages run one after another."""

@@ -119,6 +119,22 @@ def quantize_to_int(
     return torch.clamp(torch.round(fq / s) + zp, qmin, qmax).to(torch.int32)
 
 
+def clipped_fraction(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    ch_axis: int | None = None,
+    group_size: int = 0,
+) -> float:
+    """Share of ``x``'s values that fall outside the representable range and are clipped."""
+    s = broadcast_param(x, scale, ch_axis, group_size)
+    zp = broadcast_param(x, zero_point.float(), ch_axis, group_size)
+    q = torch.round(x / s) + zp
+    return float(((q < qmin) | (q > qmax)).float().mean())
+
+
 def dequantize_int(
     q: torch.Tensor,
     scale: torch.Tensor,
