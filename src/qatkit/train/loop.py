@@ -131,12 +131,21 @@ def _restore(snap: dict, model, optimizer, scheduler) -> None:
     scheduler.load_state_dict(copy.deepcopy(snap["scheduler"]))
 
 
-def _cut_lr(optimizer, scheduler, factor: float) -> tuple[float, float]:
+def _rollback(optimizer, scheduler, restore, factor: float) -> tuple[float, float]:
+    """Restore an earlier state, then set the LR to ``factor`` times what the current run had at that step:
+    successive rollbacks keep cutting instead of returning to the snapshot's LR. Returns (before, after)."""
     before = optimizer.param_groups[0]["lr"]
-    for g in optimizer.param_groups:
-        g["lr"] *= factor
-    if hasattr(scheduler, "base_lrs"):
-        scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    bases = list(getattr(scheduler, "base_lrs", []))
+    restore()
+    if bases:
+        ratios = [b * factor / old for b, old in zip(bases, scheduler.base_lrs, strict=True)]
+        scheduler.base_lrs = [b * factor for b in bases]
+        for g, r in zip(optimizer.param_groups, ratios, strict=True):
+            g["lr"] *= r
+    else:
+        for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+            g["lr"] = lr * factor
     return before, optimizer.param_groups[0]["lr"]
 
 
@@ -277,6 +286,43 @@ def fit(
     last_good = {**_snapshot(model, optimizer, scheduler), "epoch": epoch, "skip": skip, "step": step}
     last_good_path = save("last", epoch, skip) if resume is None else Path(resume)
     best_snap = None
+    if resume is None and val_loader is not None:  # where the stage starts: the reference for collapse
+        set_quant_phase(step)
+        m0 = evaluate(model, val_loader, num_classes, device)
+        counters.update(best_score=list(score(m0, cfg.monitor)), best_epoch=0, best_metrics=m0,
+                        prev_acc=100 * m0["accuracy"])  # fmt: skip
+        row0 = {"epoch": 0, "step": step, "lr": optimizer.param_groups[0]["lr"], "val_accuracy": m0["accuracy"],
+                "val_loss": m0["loss"], "val_macro_f1": m0["macro_f1"], "seconds": time.perf_counter() - start}  # fmt: skip
+        result.history.append(row0)
+        log.epoch(row0, model, cfg.logging.quantizer_stats)
+        best_snap = last_good
+        save("best", epoch, skip)
+    best_file = ckpt_dir / "best.safetensors" if ckpt_dir is not None else None
+
+    def restore_best() -> bool:
+        if best_snap is not None:
+            _restore(best_snap, model, optimizer, scheduler)
+            return True
+        if best_file is not None and best_file.exists():
+            load_training_state(best_file, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
+            return True
+        return False
+
+    def nonfinite_rollback(reason: str) -> None:
+        """Back to the last good state with a lower LR, or stop with a message saying where to resume."""
+        nonlocal epoch, skip, step
+        if not guards.can_intervene:
+            lr = optimizer.param_groups[0]["lr"]
+            raise TrainingDiverged(
+                f"{stage}: {reason} at step {step}, epoch {epoch + 1}, lr {lr:.3g} after "
+                f"{guards.interventions_used} rollbacks; resume from {last_good_path} with a lower lr"
+            )
+        restore = lambda: _restore(last_good, model, optimizer, scheduler)  # noqa: E731
+        before, after = _rollback(optimizer, scheduler, restore, cfg.guards.lr_factor)
+        epoch, skip, step = last_good["epoch"], last_good["skip"], last_good["step"]
+        intervene("nonfinite-rollback", f"{reason}; rolled back to step {step}", epoch, lr_before=before,
+                  lr_after=after)  # fmt: skip
+
     clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf
     bar = _Bar(stage, total, progress and info.main)
     bar.progress_to(step)
@@ -327,18 +373,7 @@ def fit(
                         intervene("nonfinite-skip", f"non-finite loss or gradient, step skipped; emergency "
                                   f"checkpoint {where}", epoch, budget=False, lr_before=lr, lr_after=lr)  # fmt: skip
                     elif action == "rollback":
-                        lr = optimizer.param_groups[0]["lr"]
-                        if not guards.can_intervene:
-                            raise TrainingDiverged(
-                                f"{stage}: non-finite loss or gradient at step {step}, epoch {epoch + 1}, lr {lr:.3g} "
-                                f"after {guards.interventions_used} rollbacks; resume from {last_good_path} with a "
-                                "lower lr"
-                            )
-                        _restore(last_good, model, optimizer, scheduler)
-                        before, after = _cut_lr(optimizer, scheduler, cfg.guards.lr_factor)
-                        epoch, skip, step = last_good["epoch"], last_good["skip"], last_good["step"]
-                        intervene("nonfinite-rollback", f"{cfg.guards.nonfinite_skips} non-finite steps in a row; "
-                                  f"rolled back to step {step}", epoch, lr_before=before, lr_after=after)  # fmt: skip
+                        nonfinite_rollback(f"{cfg.guards.nonfinite_skips} non-finite steps in a row")
                         rolled_back = True
                         break
                     if cfg.checkpoint.every_steps and action == "ok" and step % cfg.checkpoint.every_steps == 0:
@@ -348,6 +383,10 @@ def fit(
                         where = save("last", epoch, sampler.skip + micro)
                         raise TrainingInterrupted(where, step)
                 if rolled_back:
+                    continue
+                weights_ok = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+                if cfg.guards.enabled and any_true(not weights_ok):
+                    nonfinite_rollback("non-finite weights at the end of the epoch")
                     continue
 
                 # ---- end of epoch: validation, guards, schedule, checkpoints -----------------------
@@ -362,10 +401,9 @@ def fit(
                     best_acc = 100 * counters["best_metrics"]["accuracy"] if counters["best_metrics"] else None
                     why = guards.collapsed(acc, counters["prev_acc"], best_acc)
                     s = score(m, cfg.monitor)
-                    if why and best_snap is not None:
+                    if why and (best_snap is not None or (best_file is not None and best_file.exists())):
                         if guards.can_intervene:
-                            _restore(best_snap, model, optimizer, scheduler)
-                            before, after = _cut_lr(optimizer, scheduler, cfg.guards.lr_factor)
+                            before, after = _rollback(optimizer, scheduler, restore_best, cfg.guards.lr_factor)
                             intervene("collapse-rollback", f"{why}; rolled back to epoch {counters['best_epoch']}",
                                       epoch + 1, lr_before=before, lr_after=after, metric_before=acc,
                                       metric_after=best_acc)  # fmt: skip
@@ -406,11 +444,11 @@ def fit(
         log.close()
     if best_snap is not None:
         model.load_state_dict(best_snap["model"])
-    elif ckpt_dir is not None and (ckpt_dir / "best.safetensors").exists() and counters["best_epoch"] > 0:
-        load_training_state(ckpt_dir / "best.safetensors", model=model, restore_rng=False)
+    elif best_file is not None and best_file.exists() and counters["best_epoch"] >= 0:
+        load_training_state(best_file, model=model, restore_rng=False)
     for q in quantizers:  # leave the model as a quantized model whatever the stage did
         q.set_fake_quant(True)
-    result.best_epoch = counters["best_epoch"] if counters["best_epoch"] > 0 else len(result.history)
+    result.best_epoch = counters["best_epoch"] if counters["best_epoch"] >= 0 else len(result.history)
     result.best_metrics = counters["best_metrics"]
     result.steps = step
     result.seconds = time.perf_counter() - start

@@ -1,0 +1,183 @@
+"""The training engine: guards against collapse and NaN, exact resume, logging, schedules and options."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from qatkit import calibrate, prepare
+from qatkit.checkpoint import CheckpointError
+from qatkit.data import load_digits
+from qatkit.models import MLP
+from qatkit.train import TrainConfig, evaluate, fit, make_loader
+from qatkit.train.guards import TrainingDiverged
+from qatkit.train.state import load_training_state, save_training_state
+from qatkit.train_config import CheckpointConfig, GuardConfig
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(0.15, 0)
+
+
+@pytest.fixture(scope="module")
+def qat_start(digits):
+    """A float-trained MLP, prepared W4A8 and calibrated: where a QAT fine-tune starts."""
+    torch.manual_seed(0)
+    model = MLP(digits.input_shape, 10, hidden=[64])
+    fit(model, digits.train, digits.val, TrainConfig(epochs=8, lr=3e-3), num_classes=10, batch_size=32, progress=False)
+    prepare(model, {"rules": [{"types": ["Linear"], "weight": {"bits": 4}, "activation": {}}]})
+    calibrate(model, make_loader(digits.train, 64, True), 4)
+    return model
+
+
+def val_acc(model, digits):
+    return evaluate(model, make_loader(digits.val, 512, False), 10)["accuracy"]
+
+
+def test_collapse_guard_seed_000(qat_start, digits, tmp_path):
+    """Seed 000's collapse: QAT at a too-high LR with batch size 1. Without guards the validation accuracy
+    collapses; with them the run rolls back, cuts the LR, gives up with a diagnosis and keeps the start."""
+    start = 100 * val_acc(qat_start, digits)
+    cfg = TrainConfig(epochs=4, lr=0.1, guards=GuardConfig(enabled=False))
+    free = fit(copy.deepcopy(qat_start), digits.train, digits.val, cfg, num_classes=10, batch_size=1, progress=False)
+    assert min(100 * h["val_accuracy"] for h in free.history[1:]) < start - 20
+    assert free.interventions == []
+
+    guarded_model = copy.deepcopy(qat_start)
+    cfg = TrainConfig(epochs=4, lr=0.1)
+    res = fit(guarded_model, digits.train, digits.val, cfg, num_classes=10, batch_size=1, run_dir=tmp_path,
+              stage="qat", progress=False)  # fmt: skip
+    rollbacks = [i for i in res.interventions if i["kind"] == "collapse-rollback"]
+    lrs = [v for i in rollbacks for v in (i["lr_before"], i["lr_after"])]
+    assert lrs == pytest.approx([0.1, 0.05, 0.05, 0.025, 0.025, 0.0125])  # each rollback halves the LR again
+    assert "fell" in rollbacks[0]["detail"] and rollbacks[0]["metric_after"] == pytest.approx(start)
+    assert 100 * res.history[-1]["val_accuracy"] >= start - 5  # the last epoch trains at a stable LR
+    assert 100 * val_acc(guarded_model, digits) >= start - 5
+    assert (tmp_path / "interventions.csv").read_text().count("collapse-rollback") == 3
+
+    cfg = TrainConfig(epochs=3, lr=0.1, guards=GuardConfig(max_interventions=1))
+    res = fit(copy.deepcopy(qat_start), digits.train, digits.val, cfg, num_classes=10, batch_size=1, progress=False)
+    assert [i["kind"] for i in res.interventions] == ["collapse-rollback", "gave-up"]
+    assert "gave up after 1 interventions" in res.gave_up and "lower the learning rate" in res.gave_up
+
+
+def test_nan_mid_epoch_is_skipped_with_an_emergency_checkpoint(digits, tmp_path):
+    torch.manual_seed(0)
+    x, y = digits.train.tensors
+    x = x.clone()
+    x[100] = float("nan")  # one poisoned sample: its batch gives a NaN loss once per epoch
+    model = MLP(digits.input_shape, 10, hidden=[64])
+    res = fit(model, TensorDataset(x, y), digits.val, TrainConfig(epochs=3, lr=3e-3), num_classes=10, batch_size=32,
+              run_dir=tmp_path, stage="float", progress=False)  # fmt: skip
+    skips = [i for i in res.interventions if i["kind"] == "nonfinite-skip"]
+    assert len(skips) == 3 and sum(h.get("skipped_steps", 0) for h in res.history) == 3
+    emergency = sorted((tmp_path / "checkpoints" / "float").glob("emergency-step*.safetensors"))
+    assert len(emergency) == 3
+    first = MLP(digits.input_shape, 10, hidden=[64])
+    counters = load_training_state(emergency[0], model=first, restore_rng=False)
+    assert counters["step"] > 0 and all(torch.isfinite(p).all() for p in first.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert val_acc(model, digits) > 0.9  # nothing learned before (or after) the fault was lost
+
+
+def test_repeated_nan_rolls_back_then_stops_with_a_clear_message(qat_start, digits, tmp_path):
+    def poison(epoch, model):
+        if epoch >= 1:
+            with torch.no_grad():
+                model.net[1].bias[0] = float("nan")
+
+    cfg = TrainConfig(epochs=3, lr=1e-3, guards=GuardConfig(max_interventions=2))
+    with pytest.raises(TrainingDiverged) as e:
+        fit(copy.deepcopy(qat_start), digits.train, digits.val, cfg, num_classes=10, batch_size=64, run_dir=tmp_path,
+            stage="qat", progress=False, on_epoch_start=poison)  # fmt: skip
+    msg = str(e.value)
+    assert "non-finite weights at the end of the epoch at step" in msg and "epoch 2" in msg and "lr 0.00025" in msg
+    assert "after 2 rollbacks; resume from" in msg and "last.safetensors" in msg
+    log = (tmp_path / "interventions.csv").read_text()
+    assert log.count("nonfinite-rollback") == 2
+
+
+def test_tensorboard_scalars_can_be_read_back(qat_start, digits, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fit(copy.deepcopy(qat_start), digits.train, digits.val, TrainConfig(epochs=2, lr=1e-4, grad_clip=1.0),
+        num_classes=10, batch_size=64, run_dir=tmp_path, stage="qat", progress=False)  # fmt: skip
+    acc = EventAccumulator(str(tmp_path / "tensorboard" / "qat")).Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "epoch/val_accuracy", "epoch/val_loss",
+                "quant/net.1.weight_quant/scale_mean", "quant/net.1.weight_quant/clipped_fraction",
+                "quant/net.1.input_quant/scale_mean"):  # fmt: skip
+        assert tag in tags, tag
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == 2 * 16
+    assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("quant/net.1.weight_quant/clipped_fraction"))
+
+
+def test_resume_from_a_step_checkpoint_is_exact(qat_start, digits, tmp_path):
+    cfg = TrainConfig(epochs=3, lr=5e-4, schedule="cosine", checkpoint=CheckpointConfig(every_steps=10, keep=2))
+    a = copy.deepcopy(qat_start)
+    fit(a, digits.train, digits.val, cfg, num_classes=10, batch_size=64, run_dir=tmp_path / "a", stage="qat",
+        progress=False)  # fmt: skip
+    steps = sorted((tmp_path / "a" / "checkpoints" / "qat").glob("step-*.safetensors"))
+    assert [p.name for p in steps] == ["step-00000030.safetensors", "step-00000040.safetensors"]  # keep=2
+    b = copy.deepcopy(qat_start)
+    fit(b, digits.train, digits.val, cfg, num_classes=10, batch_size=64, run_dir=tmp_path / "b", stage="qat",
+        resume=steps[0], progress=False)  # fmt: skip
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_training_state_from_another_model_or_corrupt_is_refused(qat_start, tmp_path):
+    model = copy.deepcopy(qat_start)
+    opt = torch.optim.AdamW(model.parameters())
+    path = save_training_state(tmp_path / "s.safetensors", model=model, optimizer=opt, fingerprint={"stage": "qat"})
+    other = MLP((1, 8, 8), 10, hidden=[32])
+    prepare(other, "int8")
+    with pytest.raises(CheckpointError, match="different model|shape"):
+        load_training_state(path, model=other)
+    with pytest.raises(CheckpointError, match="stage='qat'.*stage='fp32'"):
+        load_training_state(path, model=copy.deepcopy(qat_start), expect={"stage": "fp32"})
+    data = path.read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError):
+        load_training_state(tmp_path / "t.safetensors", model=copy.deepcopy(qat_start))
+
+
+def test_gradient_accumulation_matches_the_large_batch(digits):
+    """SGD without momentum: 2 micro-batches of 16 accumulate to the same step as one batch of 32."""
+    torch.manual_seed(0)
+    base = MLP(digits.input_shape, 10, hidden=[16])
+    runs = []
+    for bs, accum in ((32, 1), (16, 2)):
+        m = copy.deepcopy(base)
+        cfg = TrainConfig(epochs=1, lr=0.05, optimizer="sgd", momentum=0.0, grad_accum=accum, validation=False)
+        small = TensorDataset(*(t[:256] for t in digits.train.tensors))
+        fit(m, small, None, cfg, num_classes=10, batch_size=bs, progress=False)
+        runs.append(m)
+    for pa, pb in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_schedules_precision_delay_and_quantizer_lr(qat_start, digits):
+    m = copy.deepcopy(qat_start)
+    cfg = TrainConfig(epochs=3, lr=1e-3, schedule="plateau", plateau_patience=1, precision="bf16",
+                      fake_quant_delay_steps=20, freeze_observers_after_steps=5)  # fmt: skip
+    res = fit(m, digits.train, digits.val, cfg, num_classes=10, batch_size=64, progress=False)
+    assert all(math.isfinite(h["train_loss"]) for h in res.history[1:])
+    assert all(bool(q.fake_quant_on) for q in m.modules() if hasattr(q, "fake_quant_on"))
+    assert not any(bool(q.observer_on) for q in m.modules() if hasattr(q, "observer_on"))
+    step = TrainConfig(epochs=4, lr=1e-2, optimizer="sgd", schedule="step", step_epochs=2, gamma=0.1, validation=False)
+    res = fit(copy.deepcopy(qat_start), digits.train, None, step, num_classes=10, batch_size=128, progress=False)
+    assert [round(h["lr"], 6) for h in res.history] == [0.01, 0.001, 0.001, 0.0001]
+    lsq = copy.deepcopy(qat_start)
+    prepare_cfg = TrainConfig(epochs=1, lr=1e-3, quant_lr=1e-2, weight_decay=0.1, validation=False)
+    from qatkit.train.loop import param_groups
+
+    groups = param_groups(lsq, prepare_cfg.weight_decay, prepare_cfg.quant_lr)
+    assert len(groups) == 1  # this model has no learnable scales: one group
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        fit(m, digits.train, None, TrainConfig(epochs=1, precision="fp16"), num_classes=10, batch_size=64,
+            progress=False)  # fmt: skip
