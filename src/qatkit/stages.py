@@ -84,8 +84,10 @@ class StageRunner:
             meta = read_metadata(self.explicit)
             return self.explicit if meta.get("stage") == stage else None
         if self.resume_mode == "auto":
-            last = self.out / "checkpoints" / stage / "last.safetensors"
-            return last if last.exists() else None
+            folder = self.out / "checkpoints" / stage
+            candidates = [folder / "last.safetensors", *folder.glob("step-*.safetensors")]
+            found = [(read_metadata(p)["counters"]["step"], p) for p in candidates if p.exists()]
+            return max(found)[1] if found else None
         return None
 
     def _check_same_recipe(self, ckpt: Path) -> None:

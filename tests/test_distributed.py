@@ -1,0 +1,78 @@
+"""Two CPU processes under torchrun (gloo) follow the one-process run with the same global batch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+RECIPE = {
+    "name": "ddp",
+    "data": {"name": "digits", "batch_size": 64},
+    "model": {"name": "mlp", "args": {"hidden": [32]}},
+    "fp32": {"train": {"epochs": 3, "lr": 0.003}},
+    "variants": [
+        {
+            "name": "w8a8",
+            "quant": {"preset": "int8"},
+            "ptq": {"calib_batches": 2},
+            "qat": {"epochs": 2, "lr": 0.0005, "checkpoint": {"every_steps": 8, "keep": 5}},
+        }
+    ],
+    "export": {"onnx": False},
+}
+
+
+def run(recipe, out, procs: int, *extra: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m"]
+    cmd = [*(launcher if procs > 1 else [sys.executable, "-m"]), "qatkit", "run", str(recipe), "--out", str(out),
+           "--no-progress", *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def rows(out):
+    return {(r["variant"], r["stage"]): r["metrics"] for r in json.loads((out / "report.json").read_text())["rows"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    recipe = folder / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    for procs in (1, 2):
+        r = run(recipe, folder / f"p{procs}", procs)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return recipe, folder
+
+
+def test_two_processes_match_one_process(runs):
+    _, folder = runs
+    one, two = rows(folder / "p1"), rows(folder / "p2")
+    assert one.keys() == two.keys()
+    for key in one:  # stated tolerance: 0.5 accuracy points, 0.01 test NLL
+        assert abs(one[key]["accuracy"] - two[key]["accuracy"]) <= 0.005, key
+        assert abs(one[key]["loss"] - two[key]["loss"]) <= 0.01, key
+    a, b = (
+        load_file(str(folder / "p1" / "w8a8_qat.safetensors")),
+        load_file(str(folder / "p2" / "w8a8_qat.safetensors")),
+    )
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+
+
+def test_distributed_run_resumes_from_a_step_checkpoint(runs):
+    recipe, folder = runs
+    out = folder / "p2"
+    expected = load_file(str(out / "w8a8_qat.safetensors"))
+    progress = json.loads((out / "progress.json").read_text())
+    del progress["done"]["w8a8_qat"]  # as if the run had died inside the QAT stage
+    (out / "progress.json").write_text(json.dumps(progress))
+    (out / "checkpoints" / "w8a8_qat" / "last.safetensors").unlink()
+    r = run(recipe, out, 2, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = load_file(str(out / "w8a8_qat.safetensors"))
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
