@@ -55,12 +55,13 @@ def test_two_processes_match_one_process(runs):
     for key in one:  # stated tolerance: 0.5 accuracy points, 0.01 test NLL
         assert abs(one[key]["accuracy"] - two[key]["accuracy"]) <= 0.005, key
         assert abs(one[key]["loss"] - two[key]["loss"]) <= 0.01, key
-    a, b = (
-        load_file(str(folder / "p1" / "w8a8_qat.safetensors")),
-        load_file(str(folder / "p2" / "w8a8_qat.safetensors")),
-    )
-    for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+    # float weights agree to rounding (gradient all-reduce sums in another order); QAT weights to within about
+    # one int8 step, where such a rounding difference flips a fake-quantized value (measured: 6e-3)
+    for name, atol in (("fp32", 1e-5), ("w8a8_qat", 2e-2)):
+        a = load_file(str(folder / "p1" / f"{name}.safetensors"))
+        b = load_file(str(folder / "p2" / f"{name}.safetensors"))
+        for k in a:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=atol), (name, k)
 
 
 def test_distributed_run_resumes_from_a_step_checkpoint(runs):
