@@ -97,3 +97,43 @@ def test_fp32_checkpoint_with_folded_batchnorm_reloads(tmp_path):
         (x["stage"], x["runtime"]): x for x in json.loads((tmp_path / "a" / "report.json").read_text())["rows"]
     }
     assert rows["fp32", "pytorch"]["metrics"] == first_rows["fp32", "pytorch"]["metrics"]
+
+
+def test_stages_run_in_order_with_their_own_settings(tmp_path):
+    recipe = dict(
+        TINY,
+        variants=[
+            {
+                "name": "w8a8",
+                "quant": {"preset": "int8"},
+                "qat": [
+                    {"name": "stabilise", "epochs": 1, "lr": 5e-6, "validation": False},
+                    {"name": "finetune", "epochs": 2, "lr": 1e-4, "schedule": "plateau", "plateau_patience": 1},
+                ],
+            }
+        ],
+        export={"onnx": False},
+    )
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(recipe))
+    r = qatkit("run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert list(report["training"]) == ["fp32", "w8a8_qat-stabilise", "w8a8_qat-finetune"]
+    stabilise = (tmp_path / "o" / "w8a8_qat-stabilise_train.csv").read_text().splitlines()
+    assert len(stabilise) == 2 and stabilise[1].split(",")[7] == ""  # one epoch, no validation
+    finetune = (tmp_path / "o" / "w8a8_qat-finetune_train.csv").read_text().splitlines()
+    assert len(finetune) == 1 + 1 + 2 and finetune[1].startswith("0,")  # baseline row, then 2 epochs
+    assert json.loads((tmp_path / "o" / "progress.json").read_text())["done"].keys() == {
+        "fp32",
+        "w8a8_qat-stabilise",
+        "w8a8_qat-finetune",
+    }
+
+
+def test_bundled_transformer_recipe_quantizes_only_the_ffn():
+    r = qatkit("layers", "motions_transformer_ffn")
+    assert r.returncode == 0, r.stderr
+    assert "4 of 14 layers quantized" in r.stdout
+    for line in r.stdout.splitlines():
+        if "_proj" in line:
+            assert "│ no " in line or " no " in line

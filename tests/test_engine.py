@@ -181,3 +181,17 @@ def test_schedules_precision_delay_and_quantizer_lr(qat_start, digits):
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         fit(m, digits.train, None, TrainConfig(epochs=1, precision="fp16"), num_classes=10, batch_size=64,
             progress=False)  # fmt: skip
+
+
+def test_worker_processes_give_the_same_result(digits):
+    from qatkit.train.loop import LoaderOptions
+
+    results = []
+    for opts in (LoaderOptions(), LoaderOptions(num_workers=2, persistent_workers=True, prefetch_factor=2)):
+        torch.manual_seed(0)
+        m = MLP(digits.input_shape, 10, hidden=[16])
+        fit(m, digits.train, None, TrainConfig(epochs=2, validation=False), num_classes=10, batch_size=64,
+            loader=opts, progress=False)  # fmt: skip
+        results.append(m)
+    for pa, pb in zip(results[0].parameters(), results[1].parameters(), strict=True):
+        assert torch.equal(pa, pb)

@@ -74,8 +74,9 @@ def test_fit_learns_logs_and_keeps_best(tmp_path):
     assert res.best_metrics["accuracy"] > 0.9
     lines = (tmp_path / "toy_train.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,step,lr,train_loss,grad_norm_mean,grad_norm_max,skipped_steps,val_accuracy")
-    assert len(lines) == 9
-    norms = [float(r.split(",")[5]) for r in lines[1:]]  # grad_norm_max: the norm before clipping
+    assert len(lines) == 1 + 1 + 8  # header, the epoch-0 baseline, 8 epochs
+    assert lines[1].startswith("0,0,")
+    norms = [float(r.split(",")[5]) for r in lines[2:]]  # grad_norm_max: the norm before clipping
     assert all(math.isfinite(n) and n > 0 for n in norms)
 
 
@@ -85,4 +86,4 @@ def test_early_stopping_stops_and_restores_best():
     noise = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     cfg = TrainConfig(epochs=50, lr=1e-2, early_stopping=EarlyStopping(patience=3))
     res = fit(model, noise, noise, cfg, num_classes=2, batch_size=16, progress=False)
-    assert res.stopped_early and len(res.history) == res.best_epoch + 3
+    assert res.stopped_early and len(res.history) == 1 + res.best_epoch + 3  # epoch-0 row, best, patience
