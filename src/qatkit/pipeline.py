@@ -84,7 +84,7 @@ def run(
     def summarize(prefix: str) -> None:
         for name, res in stages.results.items():
             if name == prefix or name.startswith(prefix + "-"):
-                report.training[name] = {"epochs": len(res.history), "best_epoch": res.best_epoch,
+                report.training[name] = {"epochs": sum(h["epoch"] > 0 for h in res.history), "best_epoch": res.best_epoch,
                                          "seconds": res.seconds, "steps": res.steps, "gave_up": res.gave_up,
                                          "interventions": res.interventions}  # fmt: skip
 

@@ -175,6 +175,22 @@ class Report:
         if fused:
             lines += ["", "## Integer kernels in ONNX Runtime's optimised graphs", ""]
             lines += [f"- {label}: {ops or 'none (runs in float)'}" for label, ops in fused]
+        if self.training:
+            lines += ["", "## Training stages", "", "| stage | epochs | best epoch | steps | seconds | interventions |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for name, t in self.training.items():
+                kinds = [i["kind"] for i in t.get("interventions", [])]
+                summary = ", ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds)) or "none"
+                lines.append(f"| {name} | {t['epochs']} | {t['best_epoch']} | {t.get('steps', '')} | "
+                             f"{t['seconds']:.1f} | {summary} |")  # fmt: skip
+            for name, t in self.training.items():
+                for i in t.get("interventions", []):
+                    lines.append(f"- {name}, epoch {i['epoch']}, step {i['step']}: {i['kind']}: {i['detail']} "
+                                 f"(lr {i['lr_before']} -> {i['lr_after']})")  # fmt: skip
+                if t.get("gave_up"):
+                    lines.append(f"- {name}: gave up: {t['gave_up']}")
+            lines += ["", "Best epoch 0 means no training epoch beat the starting point on validation, so the "
+                      "starting weights were kept."]  # fmt: skip
         for v, layer in self.layers.items():
             lines += ["", f"## Layers: {v}", "", layer["summary"], "", layers_markdown(layer["layers"])]
             if v in self.warm_start:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,9 @@ class StageRunner:
         self.explicit: Path | None = None
         self.done: dict[str, str] = {}
         if resume is None:
+            self._clear_previous_run()
             self._write_progress()
+            barrier()
         else:
             if self.progress_file.exists():
                 self.done = json.loads(self.progress_file.read_text())["done"]
@@ -74,6 +77,17 @@ class StageRunner:
                     raise CheckpointError(f"checkpoint not found: {self.explicit}")
         self.results: dict[str, FitResult] = {}
         self.fingerprint = {"recipe": recipe.name, "recipe_config": self.config}
+
+    def _clear_previous_run(self) -> None:
+        """A fresh run in a used folder: drop the old run's checkpoints and logs so nothing mixes."""
+        if not self.info.main:
+            return
+        for sub in ("checkpoints", "tensorboard", "stages"):
+            if (self.out / sub).is_dir():
+                shutil.rmtree(self.out / sub)
+        (self.out / "interventions.csv").unlink(missing_ok=True)
+        for old in self.out.glob("*_train.csv"):
+            old.unlink()
 
     def _write_progress(self) -> None:
         if self.info.main:

@@ -24,6 +24,9 @@ class GuardConfig(Strict):
     """Validation metric drop in one epoch (points, i.e. percent for accuracy) that counts as a collapse."""
     collapse_below_best: float = Field(10.0, gt=0)
     """Distance below the best epoch so far (points) that counts as a collapse."""
+    noise_sigmas: float = Field(3.0, ge=0)
+    """A drop must also exceed this many standard errors of the validation accuracy (sqrt(p(1-p)/n)), so a
+    one-sample wobble on a small validation set is not taken for a collapse."""
     lr_factor: float = Field(0.5, gt=0, lt=1)
     max_interventions: int = Field(3, ge=0)
 

@@ -62,14 +62,27 @@ class Guards:
         self.consecutive_nonfinite += 1
         return "rollback" if self.consecutive_nonfinite >= self.cfg.nonfinite_skips else "skip"
 
-    def collapsed(self, acc_points: float, prev_points: float | None, best_points: float | None) -> str | None:
+    def noise(self, points: float, n: int) -> float:
+        """``noise_sigmas`` standard errors (in points) of an accuracy of ``points`` measured on ``n`` samples."""
+        p = min(max(points / 100.0, 1.0 / n), 1.0 - 1.0 / n) if n > 1 else 0.5
+        return self.cfg.noise_sigmas * 100.0 * (p * (1.0 - p) / max(n, 1)) ** 0.5
+
+    def collapsed(
+        self, acc_points: float, prev_points: float | None, best_points: float | None, n_val: int
+    ) -> str | None:
         """Why this validation result is a collapse, or None."""
         if not self.cfg.enabled:
             return None
-        if prev_points is not None and prev_points - acc_points > self.cfg.collapse_drop:
-            return f"validation accuracy fell {prev_points - acc_points:.1f} points in one epoch ({prev_points:.1f} -> {acc_points:.1f})"
-        if best_points is not None and best_points - acc_points > self.cfg.collapse_below_best:
-            return f"validation accuracy is {best_points - acc_points:.1f} points below the best epoch ({best_points:.1f} -> {acc_points:.1f})"
+        if prev_points is not None:
+            drop, limit = prev_points - acc_points, max(self.cfg.collapse_drop, self.noise(prev_points, n_val))
+            if drop > limit:
+                return (
+                    f"validation accuracy fell {drop:.1f} points in one epoch ({prev_points:.1f} -> {acc_points:.1f})"
+                )
+        if best_points is not None:
+            gap, limit = best_points - acc_points, max(self.cfg.collapse_below_best, self.noise(best_points, n_val))
+            if gap > limit:
+                return f"validation accuracy is {gap:.1f} points below the best epoch ({best_points:.1f} -> {acc_points:.1f})"
         return None
 
     def record(self, event: Intervention, uses_budget: bool = True) -> dict:

@@ -399,7 +399,7 @@ def fit(
                     row.update({"val_accuracy": m["accuracy"], "val_loss": m["loss"], "val_macro_f1": m["macro_f1"]})
                     acc = 100 * m["accuracy"]
                     best_acc = 100 * counters["best_metrics"]["accuracy"] if counters["best_metrics"] else None
-                    why = guards.collapsed(acc, counters["prev_acc"], best_acc)
+                    why = guards.collapsed(acc, counters["prev_acc"], best_acc, len(val_ds))
                     s = score(m, cfg.monitor)
                     if why and (best_snap is not None or (best_file is not None and best_file.exists())):
                         if guards.can_intervene:
