@@ -172,12 +172,14 @@ def test_schedules_precision_delay_and_quantizer_lr(qat_start, digits):
     step = TrainConfig(epochs=4, lr=1e-2, optimizer="sgd", schedule="step", step_epochs=2, gamma=0.1, validation=False)
     res = fit(copy.deepcopy(qat_start), digits.train, None, step, num_classes=10, batch_size=128, progress=False)
     assert [round(h["lr"], 6) for h in res.history] == [0.01, 0.001, 0.001, 0.0001]
-    lsq = copy.deepcopy(qat_start)
-    prepare_cfg = TrainConfig(epochs=1, lr=1e-3, quant_lr=1e-2, weight_decay=0.1, validation=False)
     from qatkit.train.loop import param_groups
 
-    groups = param_groups(lsq, prepare_cfg.weight_decay, prepare_cfg.quant_lr)
-    assert len(groups) == 1  # this model has no learnable scales: one group
+    assert len(param_groups(qat_start, 0.1, 1e-2)) == 1  # no learnable scales: one group
+    lsq = MLP(digits.input_shape, 10, hidden=[16])
+    prepare(lsq, {"rules": [{"types": ["Linear"], "weight": {"bits": 4, "learnable": True}}]})
+    groups = param_groups(lsq, 0.1, 1e-2)
+    assert groups[1] == {"params": [lsq.net[1].weight_quant.scale, lsq.net[3].weight_quant.scale],
+                         "weight_decay": 0.0, "lr": 1e-2}  # fmt: skip
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         fit(m, digits.train, None, TrainConfig(epochs=1, precision="fp16"), num_classes=10, batch_size=64,
             progress=False)  # fmt: skip
@@ -195,3 +197,20 @@ def test_worker_processes_give_the_same_result(digits):
         results.append(m)
     for pa, pb in zip(results[0].parameters(), results[1].parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_wandb_without_the_package_is_a_clear_error(digits, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    cfg = TrainConfig(epochs=1, logging={"wandb": True})
+    with pytest.raises(ValueError, match=r"pip install 'qatkit\[wandb\]'"):
+        fit(MLP(digits.input_shape, 10, hidden=[8]), digits.train, None, cfg, num_classes=10, batch_size=64,
+            run_dir=tmp_path, progress=False)  # fmt: skip

@@ -47,6 +47,7 @@ class RunLogger:
     def __init__(self, run_dir: str | Path | None, stage: str, cfg: LoggingConfig, enabled: bool = True,
                  resume: bool = False):  # fmt: skip
         self.on = enabled and run_dir is not None
+        self.console = enabled
         self.stage = stage
         self.tb = self.wandb = None
         self.n_interventions = 0
@@ -97,6 +98,14 @@ class RunLogger:
             self.wandb.log({f"{self.stage}/{k}": v for k, v in scalars.items()}, step=step)
 
     def intervention(self, row: dict) -> None:
+        """Record a guard intervention: console (main process), interventions.csv, TensorBoard."""
+        if self.console:
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[yellow]guard[/] {self.stage} epoch {row['epoch']} step {row['step']}: {row['kind']}: {row['detail']}",
+                highlight=False, soft_wrap=True,
+            )  # fmt: skip
         if not self.on:
             return
         self.events.write(dict(row, stage=self.stage))
