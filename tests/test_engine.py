@@ -214,3 +214,43 @@ def test_wandb_without_the_package_is_a_clear_error(digits, tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"pip install 'qatkit\[wandb\]'"):
         fit(MLP(digits.input_shape, 10, hidden=[8]), digits.train, None, cfg, num_classes=10, batch_size=64,
             run_dir=tmp_path, progress=False)  # fmt: skip
+
+
+def test_resume_is_exact_with_dropout_and_a_short_accumulation_window(digits, tmp_path):
+    """22 batches per epoch with grad_accum 3: the last window has one micro-batch and must still step."""
+    torch.manual_seed(0)
+    base = MLP(digits.input_shape, 10, hidden=[64], dropout=0.2)
+    prepare(base, "int8")
+    calibrate(base, make_loader(digits.train, 64, True), 2)
+    cfg = TrainConfig(epochs=3, lr=1e-3, schedule="cosine", grad_accum=3,
+                      checkpoint=CheckpointConfig(every_steps=5, keep=20))  # fmt: skip
+    a = copy.deepcopy(base)
+    res = fit(a, digits.train, digits.val, cfg, num_classes=10, batch_size=48, run_dir=tmp_path / "a", stage="q",
+              progress=False)  # fmt: skip
+    assert res.steps == 3 * 8 and res.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # 7 full + 1 short
+    assert all(p.grad is None for p in a.parameters())  # nothing left over for a next epoch to inherit
+    mid = tmp_path / "a" / "checkpoints" / "q" / "step-00000010.safetensors"  # inside epoch 2
+    b = copy.deepcopy(base)
+    fit(b, digits.train, digits.val, cfg, num_classes=10, batch_size=48, run_dir=tmp_path / "b", stage="q",
+        resume=mid, progress=False)  # fmt: skip
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_fake_quant_delay_trains_in_float_first(qat_start, digits):
+    m = copy.deepcopy(qat_start)
+    seen = []
+    m.net[1].register_forward_pre_hook(lambda mod, args: seen.append(bool(mod.weight_quant.fake_quant_on)))
+    cfg = TrainConfig(epochs=1, lr=1e-4, fake_quant_delay_steps=10, validation=False)
+    fit(m, digits.train, None, cfg, num_classes=10, batch_size=64, progress=False)
+    assert seen[:10] == [False] * 10 and all(seen[10:16])
+
+
+def test_nonfinite_loss_with_guards_off_skips_cleanly(digits):
+    x, y = digits.train.tensors
+    x = x.clone()
+    x[3] = float("nan")
+    m = MLP(digits.input_shape, 10, hidden=[16])
+    cfg = TrainConfig(epochs=1, guards=GuardConfig(enabled=False), validation=False)
+    res = fit(m, TensorDataset(x, y), None, cfg, num_classes=10, batch_size=64, progress=False)
+    assert res.steps == 16 and res.interventions == []  # the NaN batch adds no gradient; nothing recorded

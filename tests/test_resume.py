@@ -81,7 +81,7 @@ def test_interrupted_run_resumes_to_identical_weights(reference, tmp_path, sig):
         assert torch.equal(got[k], expected[k]), k
 
 
-def test_resume_with_a_changed_recipe_is_refused(reference, tmp_path):
+def test_resume_refuses_a_different_recipe_but_takes_a_new_lr(reference, tmp_path):
     recipe, _ = reference
     out = tmp_path / "out"
     proc = start(recipe, out)
@@ -89,11 +89,27 @@ def test_resume_with_a_changed_recipe_is_refused(reference, tmp_path):
     proc.kill()
     proc.wait()
     changed = yaml.safe_load(recipe.read_text())
-    changed["variants"][0]["qat"]["lr"] = 0.001
+    changed["variants"][0]["qat"]["label_smoothing"] = 0.1
     other = tmp_path / "changed.yaml"
     other.write_text(yaml.safe_dump(changed))
     r = start(other, out, "--resume", "auto")
     assert r.wait(timeout=120) == 2
     err = r.stderr.read()
-    assert "made by a different recipe" in err and "variants[0].qat.lr: checkpoint 0.0005 vs recipe 0.001" in err
+    assert (
+        "made by a different recipe" in err and "variants[0].qat.label_smoothing: checkpoint 0.0 vs recipe 0.1" in err
+    )
     assert "Traceback" not in err
+    lower = yaml.safe_load(recipe.read_text())
+    lower["variants"][0]["qat"]["lr"] = 0.00025  # what the divergence message tells a user to do
+    other.write_text(yaml.safe_dump(lower))
+    r = start(other, out, "--resume", "auto")
+    assert r.wait(timeout=300) == 0, r.stderr.read()
+
+    def epoch_lrs(folder):
+        rows = (folder / "w8a8_qat_train.csv").read_text().splitlines()[1:]
+        return [float(row.split(",")[2]) for row in rows if not row.startswith("0,")]
+
+    # every epoch ended after the resume point: the cosine schedule continued from half the base LR
+    ours, ref = epoch_lrs(out), epoch_lrs(recipe.parent / "out")
+    assert len(ours) == len(ref) == 4
+    assert ours == pytest.approx([0.5 * x for x in ref])

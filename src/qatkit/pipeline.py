@@ -82,11 +82,9 @@ def run(
             onnx_files[key] = (export_onnx(model, x_test[:2], out / f"{file}.onnx"), logits, variant, stage)
 
     def summarize(prefix: str) -> None:
-        for name, res in stages.results.items():
+        for name, summary in stages.summaries.items():
             if name == prefix or name.startswith(prefix + "-"):
-                report.training[name] = {"epochs": sum(h["epoch"] > 0 for h in res.history), "best_epoch": res.best_epoch,
-                                         "seconds": res.seconds, "steps": res.steps, "gave_up": res.gave_up,
-                                         "interventions": res.interventions}  # fmt: skip
+                report.training[name] = summary
 
     # ---- FP32 baseline -------------------------------------------------------------------------
     console.rule(f"[bold]{recipe.name}[/]: FP32 baseline")

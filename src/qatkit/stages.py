@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -17,11 +18,17 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_write_bytes, load_weights, read_metadata, save_weights
 from .train.distributed import barrier, current
-from .train.loop import FitResult, LoaderOptions, fit
+from .train.loop import LoaderOptions, fit
 from .train_config import TrainConfig
 
 IGNORED_FOR_RESUME = ("name", "description", "export")
 """Recipe sections that do not change training state: editing them does not block a resume."""
+
+CHANGEABLE_ON_RESUME = re.compile(
+    r"(^|\.)(lr|epochs|guards|logging|checkpoint|early_stopping)(\.|\[|$)"
+    r"|^data\.(num_workers|persistent_workers|prefetch_factor|pin_memory)$|^device$"
+)
+"""Settings a resumed run may change (e.g. a lower LR after the guards gave up); anything else is refused."""
 
 
 def seed_everything(seed: int) -> None:
@@ -64,19 +71,20 @@ class StageRunner:
         self.resume_mode = resume
         self.explicit: Path | None = None
         self.done: dict[str, str] = {}
+        self.summaries: dict[str, dict] = {}
         if resume is None:
             self._clear_previous_run()
             self._write_progress()
             barrier()
         else:
             if self.progress_file.exists():
-                self.done = json.loads(self.progress_file.read_text())["done"]
+                saved = json.loads(self.progress_file.read_text())
+                self.done, self.summaries = saved["done"], saved.get("summaries", {})
             if resume != "auto":
                 self.explicit = Path(resume)
                 if not self.explicit.is_file():
                     raise CheckpointError(f"checkpoint not found: {self.explicit}")
-        self.results: dict[str, FitResult] = {}
-        self.fingerprint = {"recipe": recipe.name, "recipe_config": self.config}
+        self.fingerprint = {"recipe_config": self.config}
 
     def _clear_previous_run(self) -> None:
         """A fresh run in a used folder: drop the old run's checkpoints and logs so nothing mixes."""
@@ -91,7 +99,8 @@ class StageRunner:
 
     def _write_progress(self) -> None:
         if self.info.main:
-            atomic_write_bytes(self.progress_file, json.dumps({"done": self.done}, indent=1).encode())
+            data = {"done": self.done, "summaries": self.summaries}
+            atomic_write_bytes(self.progress_file, json.dumps(data, indent=1).encode())
 
     def _resume_point(self, stage: str) -> Path | None:
         if self.explicit is not None:
@@ -106,9 +115,10 @@ class StageRunner:
 
     def _check_same_recipe(self, ckpt: Path) -> None:
         meta = read_metadata(ckpt)
-        diffs = differences(meta.get("recipe_config"), self.config)
         if meta.get("kind") != "training-state":
             raise CheckpointError(f"{ckpt}: not a training-state checkpoint")
+        diffs = [d for d in differences(meta.get("recipe_config"), self.config)
+                 if not CHANGEABLE_ON_RESUME.search(d.split(":")[0])]  # fmt: skip
         if diffs:
             more = f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else ""
             raise CheckpointError(f"{ckpt} was made by a different recipe: {'; '.join(diffs[:5])}{more}")
@@ -130,7 +140,7 @@ class StageRunner:
                       seed=base_seed + i, loader=opts, run_dir=self.out, stage=name, resume=ckpt,
                       fingerprint=self.fingerprint, device=self.device, progress=self.progress)  # fmt: skip
             model.cpu()
-            self.results[name] = res
+            self.summaries[name] = res.summary()
             final = self.out / "stages" / f"{name}.safetensors"
             if self.info.main:
                 save_weights(final, model.state_dict(), {"stage": name})

@@ -61,12 +61,21 @@ def any_true(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def from_main(obj):
+    """Rank 0's ``obj`` on every rank (so decisions taken from it are the same everywhere)."""
+    if not current().active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class GlobalBatchSampler(Sampler[list[int]]):
     """Index batches for one rank: global batch ``i`` of epoch ``e`` is the same set on every rank and in
     every run with the same seed; rank ``r`` of ``w`` gets positions ``r, r + w, ...`` of it."""
 
-    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, info: DistInfo = DistInfo()):
-        self.n, self.batch_size, self.shuffle, self.seed, self.info = n, batch_size, shuffle, seed, info
+    def __init__(self, n: int, batch_size: int, seed: int, info: DistInfo = DistInfo()):
+        self.n, self.batch_size, self.seed, self.info = n, batch_size, seed, info
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -74,10 +83,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.epoch, self.skip = epoch, skip
 
     def global_batches(self) -> list[torch.Tensor]:
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        else:
-            order = torch.arange(self.n)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
         return list(order.split(self.batch_size))
 
     def num_batches(self) -> int:

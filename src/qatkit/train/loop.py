@@ -1,16 +1,14 @@
-"""The training loop: one call trains one stage (float or QAT), top to bottom.
+"""The training loop: one call of :func:`fit` trains one stage (float or QAT), top to bottom.
 
-Set-up (data, loss, optimiser, schedule, guards, logging, resume) -> for each epoch: steps (autocast, backward,
-clip, non-finite guard, step, checkpoint, signal check) -> validation (collapse guard, plateau, early stopping,
-last/best checkpoints) -> restore the best weights. Checkpoints hold everything needed to continue exactly.
+``_Trainer.run``: baseline validation -> for each epoch: ``train_epoch`` (autocast, backward, accumulation
+windows, clipping, non-finite guard, optimiser step, step checkpoints, signals) -> ``end_epoch`` (validation,
+collapse guard, plateau, early stopping, last/best checkpoints) -> restore the best weights. Checkpoints hold
+everything needed to continue exactly, mid-epoch included.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,21 +20,36 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..nn.fake_quantizer import FakeQuantizer
 from ..train_config import TrainConfig
-from .distributed import DistInfo, GlobalBatchSampler, any_true, current
+from .distributed import DistInfo, GlobalBatchSampler, any_true, current, from_main
 from .guards import Guards, Intervention, TrainingDiverged
+from .helpers import (
+    ProgressBar,
+    StopSignal,
+    class_weight_tensor,
+    evaluate,
+    make_loader,
+    param_groups,
+    predict,
+    restore,
+    retain,
+    scale_lr,
+    score,
+    snapshot,
+)
 from .logger import RunLogger
-from .metrics import classification_metrics
 from .schedules import lr_multiplier
-from .state import load_training_state, save_training_state
+from .state import load_training_state, read_counters, save_training_state
+
+__all__ = ["FitResult", "LoaderOptions", "TrainingInterrupted", "class_weight_tensor", "evaluate", "fit",
+           "make_loader", "param_groups", "predict", "score"]  # fmt: skip
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; the state was saved to ``checkpoint`` and the run can resume from it."""
+    """SIGINT/SIGTERM arrived; the state was saved and the run can resume from it."""
 
     def __init__(self, checkpoint: Path | None, step: int):
         where = f"; resume with --resume auto (checkpoint {checkpoint})" if checkpoint else ""
         super().__init__(f"interrupted at step {step}{where}")
-        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -60,114 +73,11 @@ class FitResult:
     steps: int = 0
     seconds: float = 0.0
 
-
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """A DataLoader whose shuffling depends only on ``seed`` (for evaluation and calibration)."""
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets over a whole loader, in eval mode."""
-    was = model.training
-    model.eval()
-    logits, targets = [], []
-    for x, y in loader:
-        logits.append(model(x.to(device)).float().cpu())
-        targets.append(y)
-    model.train(was)
-    return torch.cat(logits), torch.cat(targets)
-
-
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: str = "cpu") -> dict:
-    logits, targets = predict(model, loader, device)
-    return classification_metrics(logits, targets, num_classes)
-
-
-def class_weight_tensor(spec, targets: torch.Tensor, num_classes: int) -> torch.Tensor | None:
-    """``balanced`` -> n / (C * count_c) (as scikit-learn); a list -> that list; None -> None."""
-    if spec is None:
-        return None
-    if spec == "balanced":
-        counts = torch.bincount(targets, minlength=num_classes).float().clamp(min=1)
-        return targets.numel() / (num_classes * counts)
-    if len(spec) != num_classes:
-        raise ValueError(f"class_weights has {len(spec)} values for {num_classes} classes")
-    return torch.tensor(spec, dtype=torch.float32)
-
-
-def param_groups(model: nn.Module, weight_decay: float, quant_lr: float | None = None) -> list[dict]:
-    """Model weights with ``weight_decay``; quantizer step sizes (LSQ scales) without it (so they do not
-    shrink) and at ``quant_lr`` when given."""
-    quant_ids = {id(p) for m in model.modules() if isinstance(m, FakeQuantizer) for p in m.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in quant_ids], "weight_decay": weight_decay}]
-    scales = [p for p in trainable if id(p) in quant_ids]
-    if scales:
-        groups.append({"params": scales, "weight_decay": 0.0, **({"lr": quant_lr} if quant_lr else {})})
-    return groups
-
-
-def score(metrics: dict, monitor: str) -> tuple[float, float]:
-    """Sortable (primary, tie-break) pair where larger is better; ties on accuracy go to lower loss."""
-    if monitor == "loss":
-        return (-metrics["loss"], 0.0)
-    return (metrics[monitor], -metrics["loss"])
-
-
-def _quantizers(model: nn.Module) -> list[FakeQuantizer]:
-    return [m for m in model.modules() if isinstance(m, FakeQuantizer)]
-
-
-def _snapshot(model, optimizer, scheduler) -> dict:
-    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "scheduler": copy.deepcopy(scheduler.state_dict())}  # fmt: skip
-
-
-def _restore(snap: dict, model, optimizer, scheduler) -> None:
-    model.load_state_dict(snap["model"])
-    optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
-    scheduler.load_state_dict(copy.deepcopy(snap["scheduler"]))
-
-
-def _rollback(optimizer, scheduler, restore, factor: float) -> tuple[float, float]:
-    """Restore an earlier state, then set the LR to ``factor`` times what the current run had at that step:
-    successive rollbacks keep cutting instead of returning to the snapshot's LR. Returns (before, after)."""
-    before = optimizer.param_groups[0]["lr"]
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    bases = list(getattr(scheduler, "base_lrs", []))
-    restore()
-    if bases:
-        ratios = [b * factor / old for b, old in zip(bases, scheduler.base_lrs, strict=True)]
-        scheduler.base_lrs = [b * factor for b in bases]
-        for g, r in zip(optimizer.param_groups, ratios, strict=True):
-            g["lr"] *= r
-    else:
-        for g, lr in zip(optimizer.param_groups, lrs, strict=True):
-            g["lr"] = lr * factor
-    return before, optimizer.param_groups[0]["lr"]
-
-
-class _StopSignal:
-    """Turns SIGINT/SIGTERM into a flag checked at step boundaries (main thread only)."""
-
-    def __init__(self):
-        self.flag = False
-        self.saved = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.saved[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.saved.items():
-            signal.signal(sig, handler)
+    def summary(self) -> dict:
+        """What the run report shows for a stage (also kept in progress.json for resumed runs)."""
+        return {"epochs": sum(h["epoch"] > 0 for h in self.history), "best_epoch": self.best_epoch,
+                "seconds": self.seconds, "steps": self.steps, "gave_up": self.gave_up,
+                "interventions": self.interventions}  # fmt: skip
 
 
 def fit(
@@ -190,307 +100,348 @@ def fit(
 ) -> FitResult:
     """Train ``model`` in place for ``cfg.epochs``; keep the weights of the best validation epoch.
 
-    With ``run_dir``, writes ``<stage>_train.csv``, TensorBoard scalars and training-state checkpoints under
-    ``run_dir/checkpoints/<stage>/``; ``resume`` continues from such a checkpoint exactly.
-    ``on_epoch_start(epoch, model)`` is a test hook (e.g. to inject a fault).
+    With ``run_dir``: ``<stage>_train.csv``, TensorBoard scalars and training-state checkpoints under
+    ``run_dir/checkpoints/<stage>/``; ``resume`` continues from such a checkpoint exactly (same weights as an
+    uninterrupted run on CPU). ``on_epoch_start(epoch, model)`` is a test hook (e.g. to inject a fault).
     """
-    result = FitResult()
     if cfg.epochs == 0:
-        return result
-    start = time.perf_counter()
-    info: DistInfo = current()
-    opts = loader or LoaderOptions()
-    ckpt_dir = Path(run_dir) / "checkpoints" / stage if run_dir is not None else None
-    fingerprint = dict(fingerprint or {}, stage=stage)
+        return FitResult()
+    trainer = _Trainer(model, train_ds, val_ds, cfg, num_classes, batch_size, seed, loader or LoaderOptions(),
+                       run_dir, stage, resume, fingerprint or {}, device, progress, on_epoch_start)  # fmt: skip
+    return trainer.run()
 
-    # ---- data -----------------------------------------------------------------------------------
-    sampler = GlobalBatchSampler(len(train_ds), batch_size, True, seed, info)
-    worker_opts = (
-        {"persistent_workers": opts.persistent_workers, "prefetch_factor": opts.prefetch_factor}
-        if opts.num_workers
-        else {}
-    )
-    train_loader = DataLoader(train_ds, batch_sampler=sampler, num_workers=opts.num_workers,
-                              pin_memory=opts.pin_memory, **worker_opts)  # fmt: skip
-    validate = cfg.validation and val_ds is not None and len(val_ds) > 0
-    val_loader = make_loader(val_ds, 512, False) if validate else None
 
-    # ---- loss, optimiser, schedule, precision ---------------------------------------------------------
-    targets = torch.as_tensor([int(y) for _, y in train_ds]) if cfg.class_weights == "balanced" else None
-    weight = class_weight_tensor(cfg.class_weights, targets, num_classes)
-    loss_fn = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None,
-                                  label_smoothing=cfg.label_smoothing)  # fmt: skip
-    model.to(device)
-    train_model = model
-    if info.active:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=None if device == "cpu" else [device])
-    groups = param_groups(model, cfg.weight_decay, cfg.quant_lr)
-    params = [p for g in groups for p in g["params"]]
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    steps_per_epoch = max(1, -(-sampler.num_batches() // cfg.grad_accum))
-    total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min" if cfg.monitor == "loss" else "max", factor=cfg.plateau_factor,
-            patience=cfg.plateau_patience)  # fmt: skip
-    else:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(
-            cfg.schedule, total, round(cfg.warmup_epochs * steps_per_epoch), cfg.lr, cfg.end_lr, cfg.power,
-            cfg.step_epochs * steps_per_epoch, cfg.gamma))  # fmt: skip
-    device_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    if cfg.precision == "fp16" and device_type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device (with a grad scaler); use bf16 on CPU")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    scaler = torch.amp.GradScaler(device_type, enabled=cfg.precision == "fp16")
+class _Trainer:
+    """The state of one stage's training and the steps that change it."""
 
-    # ---- guards, logging, state ----------------------------------------------------------------
-    guards = Guards(cfg.guards)
-    log = RunLogger(run_dir, stage, cfg.logging, enabled=info.main, resume=resume is not None)
-    quantizers = _quantizers(model)
-    qat = bool(quantizers) and cfg.quantize
-    counters = {"epoch": 0, "skip": 0, "step": 0, "best_score": None, "best_epoch": -1, "best_metrics": {},
-                "bad_epochs": 0, "prev_acc": None, "history": []}  # fmt: skip
-    if resume is not None:
-        counters = load_training_state(resume, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                       expect=fingerprint)  # fmt: skip
-        guards.load_state_dict(counters.pop("guards"))
-    result.history = counters["history"]
+    def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, num_classes, batch_size, seed, opts, run_dir,
+                 stage, resume, fingerprint, device, progress, on_epoch_start):  # fmt: skip
+        self.start = time.perf_counter()
+        self.model, self.cfg, self.num_classes, self.device, self.stage = model, cfg, num_classes, device, stage
+        self.progress = progress
+        self.info: DistInfo = current()
+        self.on_epoch_start = on_epoch_start
+        self.ckpt_dir = Path(run_dir) / "checkpoints" / stage if run_dir is not None else None
+        self.fingerprint = dict(fingerprint, stage=stage)
+        self.result = FitResult()
 
-    def state_counters(epoch: int, skip: int) -> dict:
-        return {**counters, "epoch": epoch, "skip": skip, "step": step, "guards": guards.state_dict()}
+        # data: the same global batches on every rank, in an order set by (seed, epoch) only
+        self.sampler = GlobalBatchSampler(len(train_ds), batch_size, seed, self.info)
+        workers = {"persistent_workers": opts.persistent_workers, "prefetch_factor": opts.prefetch_factor}
+        self.train_loader = DataLoader(train_ds, batch_sampler=self.sampler, num_workers=opts.num_workers,
+                                       pin_memory=opts.pin_memory, generator=torch.Generator().manual_seed(seed),
+                                       **(workers if opts.num_workers else {}))  # fmt: skip
+        self.val_ds = val_ds if cfg.validation and val_ds is not None and len(val_ds) else None
+        self.val_loader = make_loader(self.val_ds, 512, False) if self.val_ds is not None else None
 
-    def save(name: str, epoch: int, skip: int) -> Path | None:
-        if ckpt_dir is None or not info.main:
+        # loss, optimiser, schedule, precision
+        targets = torch.as_tensor([int(y) for _, y in train_ds]) if cfg.class_weights == "balanced" else None
+        weight = class_weight_tensor(cfg.class_weights, targets, num_classes)
+        self.loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
+                                           label_smoothing=cfg.label_smoothing)  # fmt: skip
+        model.to(device)
+        self.train_model = model
+        if self.info.active:
+            ids = None if device == "cpu" else [device]
+            self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        groups = param_groups(model, cfg.weight_decay, cfg.quant_lr)
+        self.params = [p for g in groups for p in g["params"]]
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.batches = self.sampler.num_batches()
+        steps_per_epoch = max(1, -(-self.batches // cfg.grad_accum))
+        self.total = cfg.epochs * steps_per_epoch
+        if cfg.schedule == "plateau":
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, mode="min" if cfg.monitor == "loss" else "max", factor=cfg.plateau_factor,
+                patience=cfg.plateau_patience)  # fmt: skip
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(
+                cfg.schedule, self.total, round(cfg.warmup_epochs * steps_per_epoch), cfg.lr, cfg.end_lr, cfg.power,
+                cfg.step_epochs * steps_per_epoch, cfg.gamma))  # fmt: skip
+        self.device_type = "cuda" if str(device).startswith("cuda") else "cpu"
+        if cfg.precision == "fp16" and self.device_type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA device (with a grad scaler); use bf16 on CPU")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=cfg.precision == "fp16")
+        self.clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+
+        # guards, logging, counters (everything below is saved in checkpoints)
+        self.guards = Guards(cfg.guards)
+        self.log = RunLogger(run_dir, stage, cfg.logging, enabled=self.info.main, resume=resume is not None)
+        self.quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
+        self.qat = bool(self.quantizers) and cfg.quantize
+        self.c = {"epoch": 0, "skip": 0, "step": 0, "best_score": None, "best_epoch": -1, "best_metrics": {},
+                  "bad_epochs": 0, "prev_acc": None, "history": [], "finished": None, "lr": cfg.lr,
+                  "stats": self.fresh_stats()}  # fmt: skip
+        self.resumed = resume is not None
+        if self.resumed:
+            self.load(Path(resume))
+        self.result.history = self.c["history"]
+        self.result.interventions = list(self.guards.log)
+        self.last_good = self.snapshot()
+        self.last_good_path = Path(resume) if self.resumed else self.save("last")
+        self.best_snap = None
+        self.best_file = self.ckpt_dir / "best.safetensors" if self.ckpt_dir is not None else None
+
+    # ---- state ------------------------------------------------------------------------------------
+    @staticmethod
+    def fresh_stats() -> dict:
+        return {"loss_sum": 0.0, "n": 0, "norm_sum": 0.0, "norm_max": 0.0, "steps": 0, "skipped": 0}
+
+    def snapshot(self) -> dict:
+        return snapshot(self.model, self.optimizer, self.scheduler, epoch=self.c["epoch"], skip=self.c["skip"],
+                        step=self.c["step"], stats=dict(self.c["stats"]))  # fmt: skip
+
+    def save(self, name: str) -> Path | None:
+        if self.ckpt_dir is None or not self.info.main:
             return None
-        return save_training_state(ckpt_dir / f"{name}.safetensors", model=model, optimizer=optimizer,
-                                   scheduler=scheduler, scaler=scaler, counters=state_counters(epoch, skip),
-                                   fingerprint=fingerprint)  # fmt: skip
+        counters = dict(self.c, guards=self.guards.state_dict())
+        return save_training_state(self.ckpt_dir / f"{name}.safetensors", model=self.model, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, scaler=self.scaler, counters=counters,
+                                   fingerprint=self.fingerprint)  # fmt: skip
 
-    def set_quant_phase(step: int) -> None:
-        on = qat and step >= cfg.fake_quant_delay_steps
-        for q in quantizers:
+    def load(self, path: Path) -> None:
+        saved = read_counters(path)
+        counters = load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                       scaler=self.scaler, expect={"stage": self.stage})  # fmt: skip
+        self.guards.load_state_dict(counters.pop("guards"))
+        self.c.update(counters)
+        if saved["lr"] != self.cfg.lr:  # the recipe's LR was changed for the resume: continue at the new one
+            scale_lr(self.optimizer, self.scheduler, self.cfg.lr / saved["lr"])
+            self.c["lr"] = self.cfg.lr
+
+    def set_quant_phase(self) -> None:
+        on = self.qat and self.c["step"] >= self.cfg.fake_quant_delay_steps
+        freeze = self.cfg.freeze_observers_after_steps
+        for q in self.quantizers:
             q.set_fake_quant(on)
-            if cfg.freeze_observers_after_steps is not None and step >= cfg.freeze_observers_after_steps:
+            if freeze is not None and self.c["step"] >= freeze:
                 q.set_observer(False)
 
-    def intervene(kind: str, detail: str, epoch: int, budget: bool = True, **values) -> None:
-        row = guards.record(Intervention(step, epoch, kind, detail, **values), uses_budget=budget)
-        result.interventions.append(row)
-        log.intervention(row)
+    def intervene(self, kind: str, detail: str, budget: bool = True, **values) -> None:
+        event = Intervention(self.c["step"], self.c["epoch"] + 1, kind, detail, **values)
+        row = self.guards.record(event, uses_budget=budget)
+        self.result.interventions.append(row)
+        self.log.intervention(row)
 
-    step = counters["step"]
-    epoch, skip = counters["epoch"], counters["skip"]
-    last_good = {**_snapshot(model, optimizer, scheduler), "epoch": epoch, "skip": skip, "step": step}
-    last_good_path = save("last", epoch, skip) if resume is None else Path(resume)
-    best_snap = None
-    if resume is None and val_loader is not None:  # where the stage starts: the reference for collapse
-        set_quant_phase(step)
-        m0 = evaluate(model, val_loader, num_classes, device)
-        counters.update(best_score=list(score(m0, cfg.monitor)), best_epoch=0, best_metrics=m0,
-                        prev_acc=100 * m0["accuracy"])  # fmt: skip
-        row0 = {"epoch": 0, "step": step, "lr": optimizer.param_groups[0]["lr"], "val_accuracy": m0["accuracy"],
-                "val_loss": m0["loss"], "val_macro_f1": m0["macro_f1"], "seconds": time.perf_counter() - start}  # fmt: skip
-        result.history.append(row0)
-        log.epoch(row0, model, cfg.logging.quantizer_stats)
-        best_snap = last_good
-        save("best", epoch, skip)
-    best_file = ckpt_dir / "best.safetensors" if ckpt_dir is not None else None
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
-    def restore_best() -> bool:
-        if best_snap is not None:
-            _restore(best_snap, model, optimizer, scheduler)
-            return True
-        if best_file is not None and best_file.exists():
-            load_training_state(best_file, model=model, optimizer=optimizer, scheduler=scheduler, restore_rng=False)
+    # ---- the run ------------------------------------------------------------------------------------
+    def run(self) -> FitResult:
+        self.bar = ProgressBar(self.stage, self.total, self.progress and self.info.main, done=self.c["step"])
+        try:
+            with StopSignal() as self.stop:
+                if not self.resumed and self.val_loader is not None:
+                    self.baseline()
+                while self.c["epoch"] < self.cfg.epochs and not self.c["finished"]:
+                    if self.on_epoch_start is not None:
+                        self.on_epoch_start(self.c["epoch"], self.model)
+                    if self.train_epoch():
+                        continue  # rolled back: the epoch loop restarts from the restored position
+                    self.end_epoch()
+        finally:
+            self.bar.close()
+            self.log.close()
+        return self.finish()
+
+    def baseline(self) -> None:
+        """Validate before training: the reference for collapse, and a candidate for the best weights."""
+        self.set_quant_phase()
+        m = from_main(evaluate(self.model, self.val_loader, self.num_classes, self.device))
+        self.c.update(best_score=list(score(m, self.cfg.monitor)), best_epoch=0, best_metrics=m,
+                      prev_acc=100 * m["accuracy"])  # fmt: skip
+        row = {"epoch": 0, "step": 0, "lr": self.lr(), "val_accuracy": m["accuracy"], "val_loss": m["loss"],
+               "val_macro_f1": m["macro_f1"], "seconds": time.perf_counter() - self.start}  # fmt: skip
+        self.c["history"].append(row)
+        self.log.epoch(row, self.model, self.cfg.logging.quantizer_stats)
+        self.best_snap = self.snapshot()
+        self.save("best")
+
+    def train_epoch(self) -> bool:
+        """One epoch of steps from the saved position; True if a rollback moved the position instead."""
+        cfg, c = self.cfg, self.c
+        first = c["skip"]
+        self.sampler.set_epoch(c["epoch"], first)
+        self.train_model.train()
+        pending = 0
+        for i, (x, y) in enumerate(self.train_loader):
+            b = first + i  # batch number within the epoch
+            self.set_quant_phase()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
+                loss = self.loss_fn(self.train_model(x), y)
+            finite = not any_true(not bool(torch.isfinite(loss.detach())))
+            if finite:
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+                c["stats"]["loss_sum"] += float(loss.detach()) * len(y)
+                c["stats"]["n"] += len(y)
+                pending += 1
+                window_done = (b + 1) % cfg.grad_accum == 0 or b + 1 == self.batches
+                if not window_done:
+                    continue
+            if self.step(finite, pending, float(loss.detach())):
+                return True
+            pending = 0
+            c["skip"] = b + 1
+            if cfg.checkpoint.every_steps and finite and c["step"] % cfg.checkpoint.every_steps == 0:
+                self.save(f"step-{c['step']:08d}")
+                retain(self.ckpt_dir, cfg.checkpoint.keep)
+            self.check_stop()
+        return False
+
+    def step(self, finite: bool, pending: int, loss: float) -> bool:
+        """Finish an accumulation window: clip, guard, optimiser step. True if the guard rolled back."""
+        cfg, c = self.cfg, self.c
+        grad_norm = float("nan")
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            if pending < cfg.grad_accum:  # a short last window: average over the micro-batches it had
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(cfg.grad_accum / pending)
+            if cfg.grad_clip_value is not None:
+                torch.nn.utils.clip_grad_value_(self.params, cfg.grad_clip_value)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+            finite = math.isfinite(grad_norm) or cfg.precision == "fp16"
+        action = self.guards.on_step(finite)
+        if action == "ok":
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if cfg.schedule != "plateau":
+                self.scheduler.step()
+            c["step"] += 1
+            s = c["stats"]
+            s["norm_sum"], s["norm_max"], s["steps"] = (
+                s["norm_sum"] + grad_norm,
+                max(s["norm_max"], grad_norm),
+                s["steps"] + 1,
+            )
+            self.log.step(c["step"], {"loss": loss, "lr": self.lr(), "grad_norm": grad_norm})
+            self.bar.advance(loss, self.lr())
+        self.optimizer.zero_grad(set_to_none=True)
+        if action == "skip":
+            c["stats"]["skipped"] += 1
+            where = self.save(f"emergency-step{c['step']:08d}-{c['stats']['skipped']}")
+            self.intervene("nonfinite-skip", f"non-finite loss or gradient, step skipped; emergency checkpoint {where}",
+                           budget=False, lr_before=self.lr(), lr_after=self.lr())  # fmt: skip
+        elif action == "rollback":
+            self.rollback_nonfinite(f"{cfg.guards.nonfinite_skips} non-finite steps in a row")
             return True
         return False
 
-    def nonfinite_rollback(reason: str) -> None:
+    def rollback_nonfinite(self, reason: str) -> None:
         """Back to the last good state with a lower LR, or stop with a message saying where to resume."""
-        nonlocal epoch, skip, step
-        if not guards.can_intervene:
-            lr = optimizer.param_groups[0]["lr"]
+        c = self.c
+        if not self.guards.can_intervene:
             raise TrainingDiverged(
-                f"{stage}: {reason} at step {step}, epoch {epoch + 1}, lr {lr:.3g} after "
-                f"{guards.interventions_used} rollbacks; resume from {last_good_path} with a lower lr"
+                f"{self.stage}: {reason} at step {c['step']}, epoch {c['epoch'] + 1}, lr {self.lr():.3g} after "
+                f"{self.guards.interventions_used} rollbacks; resume from {self.last_good_path} with a lower lr "
+                "(change lr in the recipe and run with --resume auto)"
             )
-        restore = lambda: _restore(last_good, model, optimizer, scheduler)  # noqa: E731
-        before, after = _rollback(optimizer, scheduler, restore, cfg.guards.lr_factor)
-        epoch, skip, step = last_good["epoch"], last_good["skip"], last_good["step"]
-        intervene("nonfinite-rollback", f"{reason}; rolled back to step {step}", epoch, lr_before=before,
-                  lr_after=after)  # fmt: skip
+        before = self.lr()
+        bases, lrs = list(getattr(self.scheduler, "base_lrs", [])), [g["lr"] for g in self.optimizer.param_groups]
+        detected = c["step"]
+        restore(self.last_good, self.model, self.optimizer, self.scheduler)
+        scale_lr(self.optimizer, self.scheduler, self.cfg.guards.lr_factor, bases or None, lrs)
+        self.intervene("nonfinite-rollback", f"{reason} (step {detected}); rolled back to step "
+                       f"{self.last_good['step']}", lr_before=before, lr_after=self.lr())  # fmt: skip
+        c.update(epoch=self.last_good["epoch"], skip=self.last_good["skip"], step=self.last_good["step"],
+                 stats=dict(self.last_good["stats"]))  # fmt: skip
+        retain(self.ckpt_dir, self.cfg.checkpoint.keep, newer_than=c["step"])
 
-    clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-    bar = _Bar(stage, total, progress and info.main)
-    bar.progress_to(step)
-    try:
-        with _StopSignal() as stop:
-            while epoch < cfg.epochs:
-                if on_epoch_start is not None:
-                    on_epoch_start(epoch, model)
-                sampler.set_epoch(epoch, skip)
-                train_model.train()
-                loss_sum, norms, n, skipped, micro, rolled_back = 0.0, [], 0, 0, 0, False
-                for x, y in train_loader:
-                    set_quant_phase(step)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    ctx = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext()
-                    with ctx:
-                        loss = loss_fn(train_model(x), y)
-                    finite = not any_true(not bool(torch.isfinite(loss.detach())))
-                    if finite:
-                        scaler.scale(loss / cfg.grad_accum).backward()
-                        loss_sum += float(loss.detach()) * len(y)
-                        n += len(y)
-                    micro += 1
-                    if micro % cfg.grad_accum and finite:
-                        continue
-                    if finite:
-                        scaler.unscale_(optimizer)
-                        if cfg.grad_clip_value is not None:
-                            torch.nn.utils.clip_grad_value_(params, cfg.grad_clip_value)
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                        finite = math.isfinite(grad_norm) or cfg.precision == "fp16"
-                    action = guards.on_step(finite)
-                    if action == "ok":
-                        scaler.step(optimizer)
-                        scaler.update()
-                        if cfg.schedule != "plateau":
-                            scheduler.step()
-                        step += 1
-                        norms.append(grad_norm)
-                        log.step(step, {"loss": float(loss.detach()), "lr": optimizer.param_groups[0]["lr"],
-                                        "grad_norm": grad_norm})  # fmt: skip
-                        bar.advance(float(loss.detach()), optimizer.param_groups[0]["lr"])
-                    optimizer.zero_grad(set_to_none=True)
-                    if action == "skip":
-                        skipped += 1
-                        where = save(f"emergency-step{step}", epoch, sampler.skip + micro)
-                        lr = optimizer.param_groups[0]["lr"]
-                        intervene("nonfinite-skip", f"non-finite loss or gradient, step skipped; emergency "
-                                  f"checkpoint {where}", epoch, budget=False, lr_before=lr, lr_after=lr)  # fmt: skip
-                    elif action == "rollback":
-                        nonfinite_rollback(f"{cfg.guards.nonfinite_skips} non-finite steps in a row")
-                        rolled_back = True
-                        break
-                    if cfg.checkpoint.every_steps and action == "ok" and step % cfg.checkpoint.every_steps == 0:
-                        save(f"step-{step:08d}", epoch, sampler.skip + micro)
-                        _retain(ckpt_dir, cfg.checkpoint.keep)
-                    if any_true(stop.flag):
-                        where = save("last", epoch, sampler.skip + micro)
-                        raise TrainingInterrupted(where, step)
-                if rolled_back:
-                    continue
-                weights_ok = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-                if cfg.guards.enabled and any_true(not weights_ok):
-                    nonfinite_rollback("non-finite weights at the end of the epoch")
-                    continue
+    def restore_best(self) -> None:
+        if self.best_snap is not None:
+            restore(self.best_snap, self.model, self.optimizer, self.scheduler)
+        else:
+            load_training_state(self.best_file, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                restore_rng=False)  # fmt: skip
 
-                # ---- end of epoch: validation, guards, schedule, checkpoints -----------------------
-                row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                       "train_loss": loss_sum / max(n, 1), "grad_norm_mean": sum(norms) / max(len(norms), 1),
-                       "grad_norm_max": max(norms, default=0.0), "skipped_steps": skipped}  # fmt: skip
-                improved = False
-                if val_loader is not None:
-                    m = evaluate(model, val_loader, num_classes, device)
-                    row.update({"val_accuracy": m["accuracy"], "val_loss": m["loss"], "val_macro_f1": m["macro_f1"]})
-                    acc = 100 * m["accuracy"]
-                    best_acc = 100 * counters["best_metrics"]["accuracy"] if counters["best_metrics"] else None
-                    why = guards.collapsed(acc, counters["prev_acc"], best_acc, len(val_ds))
-                    s = score(m, cfg.monitor)
-                    if why and (best_snap is not None or (best_file is not None and best_file.exists())):
-                        if guards.can_intervene:
-                            before, after = _rollback(optimizer, scheduler, restore_best, cfg.guards.lr_factor)
-                            intervene("collapse-rollback", f"{why}; rolled back to epoch {counters['best_epoch']}",
-                                      epoch + 1, lr_before=before, lr_after=after, metric_before=acc,
-                                      metric_after=best_acc)  # fmt: skip
-                            counters["prev_acc"] = best_acc
-                        else:
-                            result.gave_up = (f"{why}; gave up after {guards.interventions_used} interventions: "
-                                              "lower the learning rate, raise the batch size, or add a stabilisation stage")  # fmt: skip
-                            intervene("gave-up", result.gave_up, epoch + 1, budget=False, metric_before=acc)
-                    else:
-                        counters["prev_acc"] = acc
-                        best = counters["best_score"]
-                        min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
-                        if best is None or s[0] > best[0] + min_delta or (s[0] == best[0] and s[1] > best[1]):
-                            counters.update(best_score=list(s), best_epoch=epoch + 1, best_metrics=m, bad_epochs=0)
-                            improved = True
-                        else:
-                            counters["bad_epochs"] += 1
-                    if cfg.schedule == "plateau":
-                        scheduler.step(m["loss"] if cfg.monitor == "loss" else m[cfg.monitor])
-                    bar.note(f"val acc {m['accuracy']:.3f}")
-                row["seconds"] = time.perf_counter() - start
-                result.history.append(row)
-                log.epoch(row, model, cfg.logging.quantizer_stats)
-                epoch, skip = epoch + 1, 0
-                last_good = {**_snapshot(model, optimizer, scheduler), "epoch": epoch, "skip": 0, "step": step}
-                if improved:
-                    best_snap = last_good
-                    save("best", epoch, 0)
-                last_good_path = save("last", epoch, 0) or last_good_path
-                if result.gave_up:
-                    break
-                stop_early = cfg.early_stopping and val_loader is not None
-                if stop_early and counters["bad_epochs"] >= cfg.early_stopping.patience:
-                    result.stopped_early = True
-                    break
-    finally:
-        bar.close()
-        log.close()
-    if best_snap is not None:
-        model.load_state_dict(best_snap["model"])
-    elif best_file is not None and best_file.exists() and counters["best_epoch"] >= 0:
-        load_training_state(best_file, model=model, restore_rng=False)
-    for q in quantizers:  # leave the model as a quantized model whatever the stage did
-        q.set_fake_quant(True)
-    result.best_epoch = counters["best_epoch"] if counters["best_epoch"] >= 0 else len(result.history)
-    result.best_metrics = counters["best_metrics"]
-    result.steps = step
-    result.seconds = time.perf_counter() - start
-    return result
+    def has_best(self) -> bool:
+        return self.best_snap is not None or (self.best_file is not None and self.best_file.exists())
 
-
-def _retain(ckpt_dir: Path | None, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints."""
-    if ckpt_dir is None:
-        return
-    for old in sorted(ckpt_dir.glob("step-*.safetensors"))[:-keep]:
-        old.unlink(missing_ok=True)
-
-
-class _Bar:
-    """A rich progress bar with ETA, loss, LR and the last validation result; silent when disabled."""
-
-    def __init__(self, desc: str, total: int, enabled: bool):
-        self.progress = None
-        self.last = ""
-        if not enabled:
+    def end_epoch(self) -> None:
+        """Validation, collapse guard, plateau, early stopping, checkpoints, logs."""
+        cfg, c, s = self.cfg, self.c, self.c["stats"]
+        if self.guards.cfg.enabled and any_true(
+            not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        ):
+            self.rollback_nonfinite("non-finite weights at the end of the epoch")
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        row = {"epoch": c["epoch"] + 1, "step": c["step"], "lr": self.lr(), "train_loss": s["loss_sum"] / max(s["n"], 1),
+               "grad_norm_mean": s["norm_sum"] / max(s["steps"], 1), "grad_norm_max": s["norm_max"],
+               "skipped_steps": s["skipped"]}  # fmt: skip
+        improved = False
+        if self.val_loader is not None:
+            m = from_main(evaluate(self.model, self.val_loader, self.num_classes, self.device))
+            row.update({"val_accuracy": m["accuracy"], "val_loss": m["loss"], "val_macro_f1": m["macro_f1"]})
+            improved = self.judge(m)
+        row["seconds"] = time.perf_counter() - self.start
+        c["history"].append(row)
+        self.log.epoch(row, self.model, cfg.logging.quantizer_stats)
+        c.update(epoch=c["epoch"] + 1, skip=0, stats=self.fresh_stats())
+        stop_early = cfg.early_stopping and self.val_loader is not None
+        if stop_early and c["bad_epochs"] >= cfg.early_stopping.patience and not c["finished"]:
+            c["finished"] = "early-stop"
+            self.result.stopped_early = True
+        self.last_good = self.snapshot()
+        if improved:
+            self.best_snap = self.last_good
+            self.save("best")
+        self.last_good_path = self.save("last") or self.last_good_path
+        self.check_stop()
 
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"), transient=True,
-        )  # fmt: skip
-        self.progress.start()
-        self.task = self.progress.add_task(desc, total=total, info="")
+    def judge(self, m: dict) -> bool:
+        """Apply the collapse guard, the plateau schedule and best tracking to one validation result."""
+        cfg, c = self.cfg, self.c
+        acc = 100 * m["accuracy"]
+        self.bar.note(f"val acc {m['accuracy']:.3f}")
+        best_acc = 100 * c["best_metrics"]["accuracy"] if c["best_metrics"] else None
+        why = self.guards.collapsed(acc, c["prev_acc"], best_acc, len(self.val_ds))
+        if why and self.has_best():
+            if self.guards.can_intervene:
+                before, bases = self.lr(), list(getattr(self.scheduler, "base_lrs", []))
+                lrs = [g["lr"] for g in self.optimizer.param_groups]
+                self.restore_best()
+                scale_lr(self.optimizer, self.scheduler, cfg.guards.lr_factor, bases or None, lrs)
+                self.intervene("collapse-rollback", f"{why}; rolled back to epoch {c['best_epoch']}",
+                               lr_before=before, lr_after=self.lr(), metric_before=acc, metric_after=best_acc)  # fmt: skip
+                c["prev_acc"] = best_acc
+            else:
+                self.result.gave_up = (f"{why}; gave up after {self.guards.interventions_used} interventions: lower the "
+                                       "learning rate, raise the batch size, or add a stabilisation stage")  # fmt: skip
+                c["finished"] = "gave-up"
+                self.intervene("gave-up", self.result.gave_up, budget=False, metric_before=acc)
+            return False
+        c["prev_acc"] = acc
+        if cfg.schedule == "plateau":
+            self.scheduler.step(m["loss"] if cfg.monitor == "loss" else m[cfg.monitor])
+        s, best = score(m, cfg.monitor), c["best_score"]
+        min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
+        if best is None or s[0] > best[0] + min_delta or (s[0] == best[0] and s[1] > best[1]):
+            c.update(best_score=list(s), best_epoch=c["epoch"] + 1, best_metrics=m, bad_epochs=0)
+            return True
+        c["bad_epochs"] += 1
+        return False
 
-    def progress_to(self, step: int) -> None:
-        if self.progress:
-            self.progress.update(self.task, completed=step)
+    def check_stop(self) -> None:
+        if any_true(self.stop.flag):
+            raise TrainingInterrupted(self.save("last"), self.c["step"])
 
-    def advance(self, loss: float, lr: float) -> None:
-        if self.progress:
-            self.progress.update(self.task, advance=1, info=f"loss {loss:.4f} lr {lr:.2e} {self.last}")
-
-    def note(self, text: str) -> None:
-        self.last = text
-
-    def close(self) -> None:
-        if self.progress:
-            self.progress.stop()
+    def finish(self) -> FitResult:
+        c, r = self.c, self.result
+        if self.best_snap is not None:
+            self.model.load_state_dict(self.best_snap["model"])
+        elif self.has_best() and c["best_epoch"] >= 0:
+            load_training_state(self.best_file, model=self.model, restore_rng=False)
+        for q in self.quantizers:  # leave the model as a quantized model whatever the stage did
+            q.set_fake_quant(True)
+        r.gave_up = r.gave_up or (self.guards.log[-1]["detail"] if c["finished"] == "gave-up" else None)
+        r.stopped_early = c["finished"] == "early-stop"
+        r.best_epoch = c["best_epoch"] if c["best_epoch"] >= 0 else len(r.history)
+        r.best_metrics, r.steps = c["best_metrics"], c["step"]
+        r.seconds = time.perf_counter() - self.start
+        return r

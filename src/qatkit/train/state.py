@@ -88,6 +88,14 @@ def save_training_state(
     return save_weights(path, tensors, meta)
 
 
+def read_counters(path: str | Path) -> dict:
+    """The counters a training-state checkpoint was saved with (no tensors are loaded)."""
+    meta = read_metadata(path)
+    if meta.get("kind") != "training-state":
+        raise CheckpointError(f"{path}: not a training-state checkpoint (kind {meta.get('kind')!r})")
+    return meta["counters"]
+
+
 def load_training_state(
     path: str | Path,
     *,
