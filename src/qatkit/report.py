@@ -189,8 +189,9 @@ class Report:
                                  f"(lr {i['lr_before']} -> {i['lr_after']})")  # fmt: skip
                 if t.get("gave_up"):
                     lines.append(f"- {name}: gave up: {t['gave_up']}")
-            lines += ["", "Best epoch 0 means no training epoch beat the starting point on validation, so the "
-                      "starting weights were kept."]  # fmt: skip
+            if any(t["best_epoch"] == 0 for t in self.training.values()):
+                lines += ["", "Best epoch 0 means no training epoch beat the starting point on validation, so the "
+                          "starting weights were kept."]  # fmt: skip
         for v, layer in self.layers.items():
             lines += ["", f"## Layers: {v}", "", layer["summary"], "", layers_markdown(layer["layers"])]
             if v in self.warm_start:
