@@ -9,17 +9,13 @@ ONNX Runtime latency and file size. Run ``python bench/peers.py [--quick] [--jso
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
-import logging
 import os
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +32,7 @@ import qatkit
 from qat_overhead import Trainer, environment, ratio_spread, step_breakdown, time_steps
 from qatkit.data import DataSplits, load_basic_motions, load_digits
 from qatkit.export import verify
-from qatkit.export.onnx import export_onnx
+from qatkit.export.onnx import export_onnx, quiet
 from qatkit.fold import fold_batchnorm
 from qatkit.models import MLP, CNN1d, CNN2d, TinyTransformer
 from qatkit.train import TrainConfig, evaluate, fit, make_loader
@@ -116,23 +112,6 @@ def reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[0] if lines else ''}"[:180]
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence exporters' and quantizers' progress prints, warnings and log lines (errors still raise)."""
-    names = ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo", "root", "torchao")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
-
-
 def train_config(epochs: int, lr: float, schedule: str, weight_decay: float) -> TrainConfig:
     """A fit() stage without TensorBoard (nothing is written to disk)."""
     return TrainConfig(
@@ -189,7 +168,7 @@ def run_torchao(fp: nn.Module, data: DataSplits, case: Case, bits: int, s: Setti
     model = copy.deepcopy(fp)
     act = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
     weight = IntxFakeQuantizeConfig(dtype, "per_channel", is_symmetric=True)
-    with quiet():
+    with quiet("root", "torchao"):
         quantize_(model, QATConfig(activation_config=act, weight_config=weight, step="prepare"))
     n = sum(type(m).__name__ == "FakeQuantizedLinear" for m in model.modules())
     return model, n, shared_fit(model, data, case, s)
@@ -221,7 +200,7 @@ def run_torch_ao(fp: nn.Module, data: DataSplits, case: Case, bits: int, s: Sett
 
     mapping = get_default_qat_qconfig_mapping("x86").set_global(torch_ao_qconfig(bits))
     example = data.train.tensors[0][: case.batch_size]
-    with quiet():
+    with quiet("root", "torchao"):
         model = prepare_qat_fx(copy.deepcopy(fp).train(), mapping, (example,))
     n = sum(name.endswith("weight_fake_quant") for name, _ in model.named_modules())
     best = shared_fit(model, data, case, s)
@@ -259,7 +238,7 @@ def run_ort_static(float_path: Path, out: Path, data: DataSplits, case: Case, s:
     x = data.train.tensors[0].numpy()
     stop = min(len(x), s.calib_batches * case.batch_size)
     batches = [x[i : i + case.batch_size] for i in range(0, stop, case.batch_size)]
-    with quiet():
+    with quiet("root", "torchao"):
         quantize_static(
             str(float_path),
             str(out),
@@ -278,15 +257,15 @@ def export_peer(model: nn.Module, tool: str, example: torch.Tensor, path: Path) 
     if tool == "torch.ao FX QAT":
         from torch.ao.quantization.quantize_fx import convert_fx
 
-        with quiet():
+        with quiet("root", "torchao"):
             m = convert_fx(m)
     else:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
         from torchao.quantization.qat import QATConfig
 
-        with quiet():
+        with quiet("root", "torchao"):
             quantize_(m, QATConfig(Int8DynamicActivationInt8WeightConfig(), step="convert"))
-    with quiet(), torch.no_grad():
+    with quiet("root", "torchao"), torch.no_grad():
         torch.onnx.export(m, (example,), str(path), dynamo=True, external_data=False)
     return path
 

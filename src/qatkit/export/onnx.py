@@ -30,7 +30,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, dynam
     if dynamic_batch and example.shape[0] < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()
     shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with _quiet():
+    with quiet():
         torch.onnx.export(
             m,
             (example,),
@@ -67,9 +67,10 @@ def strip_debug_info(model) -> None:
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Silence the exporter's progress prints and warnings (errors still raise)."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+def quiet(*more_loggers: str):
+    """Silence the exporter's progress prints, warnings and the named loggers (errors still raise)."""
+    names = ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo", *more_loggers)
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
