@@ -173,6 +173,7 @@ class _Trainer:
         self.log = RunLogger(run_dir, stage, cfg.logging, enabled=self.info.main, resume=resume is not None)
         self.quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
         self.qat = bool(self.quantizers) and cfg.quantize
+        self._phase: tuple[bool, bool] | None = None
         self.c = {"epoch": 0, "skip": 0, "step": 0, "best_score": None, "best_epoch": -1, "best_metrics": {},
                   "bad_epochs": 0, "prev_acc": None, "history": [], "finished": None, "lr": cfg.lr,
                   "stats": self.fresh_stats()}  # fmt: skip
@@ -214,11 +215,16 @@ class _Trainer:
             self.c["lr"] = self.cfg.lr
 
     def set_quant_phase(self) -> None:
+        """Fake quantization on after the delay, observers frozen after N steps; touches buffers only on change."""
         on = self.qat and self.c["step"] >= self.cfg.fake_quant_delay_steps
         freeze = self.cfg.freeze_observers_after_steps
+        frozen = freeze is not None and self.c["step"] >= freeze
+        if (on, frozen) == self._phase:
+            return
+        self._phase = (on, frozen)
         for q in self.quantizers:
             q.set_fake_quant(on)
-            if freeze is not None and self.c["step"] >= freeze:
+            if frozen:
                 q.set_observer(False)
 
     def intervene(self, kind: str, detail: str, budget: bool = True, **values) -> None:
