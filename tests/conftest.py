@@ -16,3 +16,21 @@ def tiny_transformer() -> TinyTransformer:
 def tiny_mlp() -> MLP:
     torch.manual_seed(0)
     return MLP((1, 8, 8), 10, hidden=[32, 16])
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny Llama causal LM + word-level tokenizer saved with save_pretrained (built offline, once per session)."""
+    pytest.importorskip("transformers")
+    from tiny_lm import make_tiny_lm
+
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny_llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory):
+    """A tiny Qwen3 causal LM + word-level tokenizer saved with save_pretrained."""
+    pytest.importorskip("transformers")
+    from tiny_lm import make_tiny_lm
+
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny_qwen3"), arch="qwen3")

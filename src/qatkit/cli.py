@@ -1,4 +1,4 @@
-"""Command line: ``qatkit run [RECIPE]``, ``qatkit layers RECIPE``, ``qatkit recipes``.
+"""Command line: ``qatkit run [RECIPE]``, ``qatkit layers RECIPE``, ``qatkit recipes`` (LM commands: cli_lm.py).
 
 Errors print one readable line and exit with status 2; ``--debug`` shows the traceback instead.
 """
@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+
+from . import cli_lm
 
 app = typer.Typer(
     add_completion=False,
@@ -111,12 +113,15 @@ def recipes() -> None:
         console.print(f"[bold]{name}[/]{mark}: {r.description.strip().splitlines()[0] if r.description else ''}")
 
 
+cli_lm.register(app)
+
+
 def main() -> None:
     """Entry point: usage errors are typer's (exit 2); expected failures print one line and exit 2."""
     from .checkpoint import CheckpointError
     from .recipe import RecipeError
 
-    expected = (RecipeError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError)
+    expected = (RecipeError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError, ImportError)
     debug = "--debug" in sys.argv
     try:
         app()

@@ -25,7 +25,7 @@ IGNORED_FOR_RESUME = ("name", "description", "export")
 """Recipe sections that do not change training state: editing them does not block a resume."""
 
 CHANGEABLE_ON_RESUME = re.compile(
-    r"(^|\.)(lr|epochs|guards|logging|checkpoint|early_stopping)(\.|\[|$)"
+    r"(^|\.)(lr|epochs|max_steps|guards|logging|checkpoint|early_stopping)(\.|\[|$)"
     r"|^data\.(num_workers|persistent_workers|prefetch_factor|pin_memory)$|^device$"
 )
 """Settings a resumed run may change (e.g. a lower LR after the guards gave up); anything else is refused."""
@@ -35,6 +35,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The training-state checkpoint in ``folder`` (``last`` or ``step-N``) with the most optimiser steps."""
+    candidates = [folder / "last.safetensors", *folder.glob("step-*.safetensors")]
+    found = [(read_metadata(p)["counters"]["step"], p) for p in candidates if p.exists()]
+    return max(found)[1] if found else None
 
 
 def stage_names(prefix: str, cfgs: list[TrainConfig]) -> list[str]:
@@ -107,10 +114,7 @@ class StageRunner:
             meta = read_metadata(self.explicit)
             return self.explicit if meta.get("stage") == stage else None
         if self.resume_mode == "auto":
-            folder = self.out / "checkpoints" / stage
-            candidates = [folder / "last.safetensors", *folder.glob("step-*.safetensors")]
-            found = [(read_metadata(p)["counters"]["step"], p) for p in candidates if p.exists()]
-            return max(found)[1] if found else None
+            return newest_checkpoint(self.out / "checkpoints" / stage)
         return None
 
     def _check_same_recipe(self, ckpt: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
@@ -43,6 +43,7 @@ class LoggingConfig(Strict):
     wandb: bool = False
     wandb_project: str = "qatkit"
     quantizer_stats: bool = True
+    step_csv: bool = Field(False, description="also write <stage>_steps.csv: loss, lr, grad norm every step")
 
 
 class TrainConfig(Strict):
@@ -50,6 +51,7 @@ class TrainConfig(Strict):
 
     name: str | None = None
     epochs: int = Field(20, ge=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimiser steps (None: epochs)")
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)

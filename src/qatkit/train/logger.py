@@ -6,6 +6,7 @@ Only the main process of a multi-process run writes anything.
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import torch
@@ -41,11 +42,12 @@ class CsvLog:
 class RunLogger:
     """Fan-out of a stage's scalars. ``run_dir=None`` or ``enabled=False`` logs nothing."""
 
-    EPOCH_FIELDS = ["epoch", "step", "lr", "train_loss", "grad_norm_mean", "grad_norm_max", "skipped_steps",
-                    "val_accuracy", "val_loss", "val_macro_f1", "seconds"]  # fmt: skip
+    EPOCH_FIELDS = ["epoch", "step", "lr", "train_loss", "grad_norm_mean", "grad_norm_max", "skipped_steps"]
+    STEP_FIELDS = ["step", "loss", "lr", "grad_norm", "seconds"]
 
     def __init__(self, run_dir: str | Path | None, stage: str, cfg: LoggingConfig, enabled: bool = True,
-                 resume: bool = False):  # fmt: skip
+                 resume: bool = False, val_fields: tuple[str, ...] | list[str] = ("val_accuracy", "val_loss",
+                                                                                   "val_macro_f1")):  # fmt: skip
         self.on = enabled and run_dir is not None
         self.console = enabled
         self.stage = stage
@@ -55,9 +57,13 @@ class RunLogger:
             return
         run_dir = Path(run_dir)
         csv_path = run_dir / f"{stage}_train.csv"
-        if not resume and csv_path.exists():
-            csv_path.unlink()
-        self.csv = CsvLog(csv_path, self.EPOCH_FIELDS)
+        steps_path = run_dir / f"{stage}_steps.csv"
+        for p in (csv_path, steps_path):
+            if not resume and p.exists():
+                p.unlink()
+        self.csv = CsvLog(csv_path, [*self.EPOCH_FIELDS, *val_fields, "seconds"])
+        self.steps = CsvLog(steps_path, self.STEP_FIELDS) if cfg.step_csv else None
+        self.started = time.perf_counter()
         self.events = CsvLog(run_dir / "interventions.csv", ["stage", "step", "epoch", "kind", "detail", "lr_before",
                                                              "lr_after", "metric_before", "metric_after"])  # fmt: skip
         if cfg.tensorboard:
@@ -76,6 +82,8 @@ class RunLogger:
         """Per optimiser step: loss, LR, gradient norm (TensorBoard / W&B only; the CSV is per epoch)."""
         if not self.on:
             return
+        if self.steps is not None:
+            self.steps.write({"step": step, **scalars, "seconds": round(time.perf_counter() - self.started, 3)})
         for k, v in scalars.items():
             if self.tb:
                 self.tb.add_scalar(f"train/{k}", v, step)

@@ -39,6 +39,7 @@ from .helpers import (
 from .logger import RunLogger
 from .schedules import lr_multiplier
 from .state import load_training_state, read_counters, save_training_state
+from .task import ClassificationTask, Task
 
 __all__ = ["FitResult", "LoaderOptions", "TrainingInterrupted", "class_weight_tensor", "evaluate", "fit",
            "make_loader", "param_groups", "predict", "score"]  # fmt: skip
@@ -86,7 +87,7 @@ def fit(
     val_ds: Dataset | None,
     cfg: TrainConfig,
     *,
-    num_classes: int,
+    num_classes: int | None = None,
     batch_size: int,
     seed: int = 0,
     loader: LoaderOptions | None = None,
@@ -97,16 +98,24 @@ def fit(
     device: str = "cpu",
     progress: bool = True,
     on_epoch_start=None,
+    task: Task | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``cfg.epochs``; keep the weights of the best validation epoch.
 
     With ``run_dir``: ``<stage>_train.csv``, TensorBoard scalars and training-state checkpoints under
     ``run_dir/checkpoints/<stage>/``; ``resume`` continues from such a checkpoint exactly (same weights as an
     uninterrupted run on CPU). ``on_epoch_start(epoch, model)`` is a test hook (e.g. to inject a fault).
+    ``task`` says what a batch is and how to validate (default: classification into ``num_classes``).
     """
     if cfg.epochs == 0:
         return FitResult()
-    trainer = _Trainer(model, train_ds, val_ds, cfg, num_classes, batch_size, seed, loader or LoaderOptions(),
+    if task is None:
+        if num_classes is None:
+            raise ValueError("fit needs num_classes (classification) or a task")
+        targets = torch.as_tensor([int(y) for _, y in train_ds]) if cfg.class_weights == "balanced" else None
+        weight = class_weight_tensor(cfg.class_weights, targets, num_classes)
+        task = ClassificationTask(num_classes, None if weight is None else weight.to(device), cfg.label_smoothing)
+    trainer = _Trainer(model, train_ds, val_ds, cfg, task, batch_size, seed, loader or LoaderOptions(),
                        run_dir, stage, resume, fingerprint or {}, device, progress, on_epoch_start)  # fmt: skip
     return trainer.run()
 
@@ -114,10 +123,10 @@ def fit(
 class _Trainer:
     """The state of one stage's training and the steps that change it."""
 
-    def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, num_classes, batch_size, seed, opts, run_dir,
+    def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, task: Task, batch_size, seed, opts, run_dir,
                  stage, resume, fingerprint, device, progress, on_epoch_start):  # fmt: skip
         self.start = time.perf_counter()
-        self.model, self.cfg, self.num_classes, self.device, self.stage = model, cfg, num_classes, device, stage
+        self.model, self.cfg, self.task, self.device, self.stage = model, cfg, task, device, stage
         self.progress = progress
         self.info: DistInfo = current()
         self.on_epoch_start = on_epoch_start
@@ -132,13 +141,9 @@ class _Trainer:
                                        pin_memory=opts.pin_memory, generator=torch.Generator().manual_seed(seed),
                                        **(workers if opts.num_workers else {}))  # fmt: skip
         self.val_ds = val_ds if cfg.validation and val_ds is not None and len(val_ds) else None
-        self.val_loader = make_loader(self.val_ds, 512, False) if self.val_ds is not None else None
+        self.val_loader = make_loader(self.val_ds, task.val_batch_size, False) if self.val_ds is not None else None
 
-        # loss, optimiser, schedule, precision
-        targets = torch.as_tensor([int(y) for _, y in train_ds]) if cfg.class_weights == "balanced" else None
-        weight = class_weight_tensor(cfg.class_weights, targets, num_classes)
-        self.loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
-                                           label_smoothing=cfg.label_smoothing)  # fmt: skip
+        # optimiser, schedule, precision
         model.to(device)
         self.train_model = model
         if self.info.active:
@@ -153,6 +158,8 @@ class _Trainer:
         self.batches = self.sampler.num_batches()
         steps_per_epoch = max(1, -(-self.batches // cfg.grad_accum))
         self.total = cfg.epochs * steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total = min(self.total, cfg.max_steps)
         if cfg.schedule == "plateau":
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer, mode="min" if cfg.monitor == "loss" else "max", factor=cfg.plateau_factor,
@@ -170,7 +177,8 @@ class _Trainer:
 
         # guards, logging, counters (everything below is saved in checkpoints)
         self.guards = Guards(cfg.guards)
-        self.log = RunLogger(run_dir, stage, cfg.logging, enabled=self.info.main, resume=resume is not None)
+        self.log = RunLogger(run_dir, stage, cfg.logging, enabled=self.info.main, resume=resume is not None,
+                             val_fields=task.val_fields)  # fmt: skip
         self.quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
         self.qat = bool(self.quantizers) and cfg.quantize
         self._phase: tuple[bool, bool] | None = None
@@ -243,7 +251,7 @@ class _Trainer:
             with StopSignal() as self.stop:
                 if not self.resumed and self.val_loader is not None:
                     self.baseline()
-                while self.c["epoch"] < self.cfg.epochs and not self.c["finished"]:
+                while self.c["epoch"] < self.cfg.epochs and not self.c["finished"] and not self.out_of_steps():
                     if self.on_epoch_start is not None:
                         self.on_epoch_start(self.c["epoch"], self.model)
                     if self.train_epoch():
@@ -254,14 +262,23 @@ class _Trainer:
             self.log.close()
         return self.finish()
 
+    def out_of_steps(self) -> bool:
+        return self.cfg.max_steps is not None and self.c["step"] >= self.cfg.max_steps
+
+    def validate(self) -> dict:
+        return from_main(self.task.evaluate(self.model, self.val_loader, self.device))
+
+    @staticmethod
+    def val_row(m: dict) -> dict:
+        return {f"val_{k}": v for k, v in m.items() if isinstance(v, (int, float))}
+
     def baseline(self) -> None:
         """Validate before training: the reference for collapse, and a candidate for the best weights."""
         self.set_quant_phase()
-        m = from_main(evaluate(self.model, self.val_loader, self.num_classes, self.device))
-        self.c.update(best_score=list(score(m, self.cfg.monitor)), best_epoch=0, best_metrics=m,
-                      prev_acc=100 * m["accuracy"])  # fmt: skip
-        row = {"epoch": 0, "step": 0, "lr": self.lr(), "val_accuracy": m["accuracy"], "val_loss": m["loss"],
-               "val_macro_f1": m["macro_f1"], "seconds": time.perf_counter() - self.start}  # fmt: skip
+        m = self.validate()
+        prev = 100 * m["accuracy"] if "accuracy" in m else None
+        self.c.update(best_score=list(score(m, self.cfg.monitor)), best_epoch=0, best_metrics=m, prev_acc=prev)
+        row = {"epoch": 0, "step": 0, "lr": self.lr(), **self.val_row(m), "seconds": time.perf_counter() - self.start}
         self.c["history"].append(row)
         self.log.epoch(row, self.model, self.cfg.logging.quantizer_stats)
         self.best_snap = self.snapshot()
@@ -274,17 +291,16 @@ class _Trainer:
         self.sampler.set_epoch(c["epoch"], first)
         self.train_model.train()
         pending = 0
-        for i, (x, y) in enumerate(self.train_loader):
+        for i, batch in enumerate(self.train_loader):
             b = first + i  # batch number within the epoch
             self.set_quant_phase()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with torch.autocast(self.device_type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext():
-                loss = self.loss_fn(self.train_model(x), y)
+                loss, n = self.task.loss(self.train_model, batch, self.device)
             finite = not any_true(not bool(torch.isfinite(loss.detach())))
             if finite:
                 self.scaler.scale(loss / cfg.grad_accum).backward()
-                c["stats"]["loss_sum"] += float(loss.detach()) * len(y)
-                c["stats"]["n"] += len(y)
+                c["stats"]["loss_sum"] += float(loss.detach()) * n
+                c["stats"]["n"] += n
                 pending += 1
                 window_done = (b + 1) % cfg.grad_accum == 0 or b + 1 == self.batches
                 if not window_done:
@@ -297,6 +313,8 @@ class _Trainer:
                 self.save(f"step-{c['step']:08d}")
                 retain(self.ckpt_dir, cfg.checkpoint.keep)
             self.check_stop()
+            if self.out_of_steps():
+                break
         return False
 
     def step(self, finite: bool, pending: int, loss: float) -> bool:
@@ -382,8 +400,8 @@ class _Trainer:
                "skipped_steps": s["skipped"]}  # fmt: skip
         improved = False
         if self.val_loader is not None:
-            m = from_main(evaluate(self.model, self.val_loader, self.num_classes, self.device))
-            row.update({"val_accuracy": m["accuracy"], "val_loss": m["loss"], "val_macro_f1": m["macro_f1"]})
+            m = self.validate()
+            row.update(self.val_row(m))
             improved = self.judge(m)
         row["seconds"] = time.perf_counter() - self.start
         c["history"].append(row)
@@ -403,6 +421,9 @@ class _Trainer:
     def judge(self, m: dict) -> bool:
         """Apply the collapse guard, the plateau schedule and best tracking to one validation result."""
         cfg, c = self.cfg, self.c
+        if "accuracy" not in m:  # the collapse guard needs an accuracy; loss-only tasks keep the other guards
+            self.bar.note(f"val loss {m['loss']:.4f}")
+            return self.track_best(m)
         acc = 100 * m["accuracy"]
         self.bar.note(f"val acc {m['accuracy']:.3f}")
         best_acc = 100 * c["best_metrics"]["accuracy"] if c["best_metrics"] else None
@@ -423,6 +444,11 @@ class _Trainer:
                 self.intervene("gave-up", self.result.gave_up, budget=False, metric_before=acc)
             return False
         c["prev_acc"] = acc
+        return self.track_best(m)
+
+    def track_best(self, m: dict) -> bool:
+        """Plateau schedule and best-epoch tracking; True when this validation is the best so far."""
+        cfg, c = self.cfg, self.c
         if cfg.schedule == "plateau":
             self.scheduler.step(m["loss"] if cfg.monitor == "loss" else m[cfg.monitor])
         s, best = score(m, cfg.monitor), c["best_score"]

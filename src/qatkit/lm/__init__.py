@@ -1,0 +1,1 @@
+"""Causal language models: LUT quantization rules, KD cache and loss, training, packing, generation."""

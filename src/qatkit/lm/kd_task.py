@@ -1,0 +1,82 @@
+"""Knowledge distillation from a KD cache as a training task for the shared loop (``train.fit``).
+
+A batch is a dict from ``KDCache``. The student runs its transformer body once and computes logits only at
+the cached candidate ids (teacher top-K ∪ random negatives); full-vocabulary logits are computed only when
+``hard_full`` > 0 in training, and always in evaluation, where the true next token gives a perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .kd_loss import candidate_logits, kd_loss
+
+
+def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The transformer body (returns hidden states) and the output layer of a Hugging Face causal LM."""
+    head = model.get_output_embeddings()
+    body = getattr(model, "base_model", None)
+    if head is None or body is None or body is model:
+        raise ValueError(f"{type(model).__name__} has no separate body and lm_head; expected a *ForCausalLM model")
+    return body, head
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class KDTask:
+    """KD loss on cached teacher candidates (seed 004): KL at a temperature + hard top-1 + hard full-vocab CE."""
+
+    val_fields = ["val_loss", "val_kl", "val_top1_agreement", "val_nll", "val_perplexity"]
+    val_batch_size = 8
+
+    def __init__(self, temperature: float = 2.0, hard_top1: float = 0.2, hard_full: float = 5e-5):
+        self.temperature, self.hard_top1, self.hard_full = temperature, hard_top1, hard_full
+
+    def terms(self, model: nn.Module, batch: dict, device: str, full: bool) -> tuple[dict, torch.Tensor | None]:
+        """KD loss terms for one batch, and the full-vocabulary logits when ``full``."""
+        body, head = body_and_head(_unwrap(model))
+        ids = batch["input_ids"].to(device)
+        hidden = body(input_ids=ids).last_hidden_state[:, :-1]
+        cand = torch.cat([batch["topk_ids"], batch["neg_ids"]], -1).to(device)
+        teacher = torch.cat([batch["topk_logits"], batch["neg_logits"]], -1).to(device)
+        student = candidate_logits(hidden, head.weight, cand, getattr(head, "bias", None))
+        logits = head(hidden) if full else None
+        out = kd_loss(student, teacher, temperature=self.temperature, hard_top1=self.hard_top1,
+                      hard_full=self.hard_full if full else 0.0, student_full_logits=logits,
+                      teacher_top1_ids=batch["topk_ids"][..., 0].to(device))  # fmt: skip
+        out["agree"] = (student.argmax(-1) == 0).float().mean()
+        return out, logits
+
+    def loss(self, model: nn.Module, batch: dict, device: str) -> tuple[torch.Tensor, int]:
+        out, _ = self.terms(model, batch, device, full=self.hard_full > 0)
+        return out["loss"], len(batch["input_ids"])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, device: str) -> dict:
+        """Mean KD loss, KL, top-1 agreement with the teacher, and NLL / perplexity of the true next tokens."""
+        was = model.training
+        model.eval()
+        sums = {"loss": 0.0, "kl": 0.0, "top1_agreement": 0.0, "nll": 0.0}
+        n = tokens = 0
+        for batch in loader:
+            out, logits = self.terms(model, batch, device, full=True)
+            b = len(batch["input_ids"])
+            target = batch["input_ids"][:, 1:].to(device)
+            nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
+            sums["nll"] += float(nll)
+            tokens += target.numel()
+            for k, key in (("loss", "loss"), ("kl", "kl"), ("top1_agreement", "agree")):
+                sums[k] += float(out[key]) * b
+            n += b
+        model.train(was)
+        m = {k: v / max(n, 1) for k, v in sums.items() if k != "nll"}
+        m["nll"] = sums["nll"] / max(tokens, 1)
+        m["perplexity"] = math.exp(min(m["nll"], 50.0))
+        return m

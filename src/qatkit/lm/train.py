@@ -1,0 +1,122 @@
+"""``lm_train``: KD-QAT of a causal LM's LUT layers from a KD cache, in the shared training loop (seed 004).
+
+Start from the float model (``scratch``), from a V1 checkpoint (converted to V2 with frozen indices, KD loss
+reported before and after), or from a V2 / any LUT checkpoint (continue). Guards, checkpoints, resume, the
+per-step CSV and TensorBoard are the training engine's; the best weights go to ``OUT/model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_write_bytes
+from ..stages import newest_checkpoint, seed_everything
+from ..train import fit
+from ..train.helpers import make_loader
+from ..train_config import TrainConfig
+from .cache import KDCache
+from .checkpoint import load_lut_model, save_lut_model
+from .convert import v1_to_v2
+from .hf import load_causal_lm, tokenizer_fingerprint
+from .kd_task import KDTask
+from .rules import LMQuantConfig, bits_per_weight, lut_layers, prepare_lm, set_trainable
+
+STARTS = ("scratch", "v1", "v2")
+
+
+def kd_eval(model, data: KDCache, task: KDTask, batch_size: int = 8) -> dict:
+    """KD loss, KL, top-1 agreement and perplexity on a cache split."""
+    return task.evaluate(model, make_loader(data, batch_size, False), "cpu")
+
+
+def base_name(base: str) -> str:
+    """How a checkpoint records its base model: ``smollm2`` as is, paths absolute."""
+    return base if base == "smollm2" and not Path(base).exists() else str(Path(base).resolve())
+
+
+def load_student(start: str, base: str | None, checkpoint: str | Path | None, quant: LMQuantConfig, log=print):
+    """The student to train and notes on how it was made (conversion losses are filled in by the caller)."""
+    if start not in STARTS:
+        raise ValueError(f"start {start!r} is not one of {', '.join(STARTS)}")
+    if start == "scratch":
+        if base is None:
+            raise ValueError("training from scratch needs the float model (--model)")
+        model, tok = load_causal_lm(base)
+        t = time.perf_counter()
+        report = prepare_lm(model, quant, log=log)
+        log(f"{report.summary()} in {time.perf_counter() - t:.1f} s")
+        return model, tok, base_name(base)
+    if checkpoint is None:
+        raise ValueError(f"start {start!r} needs a checkpoint")
+    model, tok, meta = load_lut_model(checkpoint, base)
+    forms = {m.spec.form for m in lut_layers(model).values()}
+    if start == "v1" and forms != {"v1"}:
+        raise ValueError(f"{checkpoint} is not a V1 checkpoint (its layers are {', '.join(sorted(forms))})")
+    return model, tok, meta["base"] if base is None else base_name(base)
+
+
+def lm_train(
+    *,
+    cache: str | Path,
+    out: str | Path,
+    train: TrainConfig,
+    batch_size: int = 8,
+    start: str = "scratch",
+    base: str | None = None,
+    checkpoint: str | Path | None = None,
+    quant: LMQuantConfig | None = None,
+    task: KDTask | None = None,
+    resume: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Train, keep the best eval-loss weights, write ``model.safetensors`` and ``summary.json``; return the summary."""
+    out = Path(out)
+    train = train.model_copy(update={"monitor": "loss"})  # best = lowest eval KD loss (KD has no accuracy)
+    quant = quant or LMQuantConfig()
+    task = task or KDTask()
+    t0 = time.perf_counter()
+    seed_everything(seed)
+    model, tok, base_id = load_student(start, base, checkpoint, quant, log)
+    fp = tokenizer_fingerprint(tok)
+    train_ds, eval_ds = KDCache(cache, tok, "train"), KDCache(cache, tok, "eval")
+    summary: dict = {"start": start, "base": base_id, "cache": str(Path(cache).resolve()),
+                     "train_sequences": len(train_ds), "eval_sequences": len(eval_ds)}  # fmt: skip
+    if start == "v1":
+        before = kd_eval(model, eval_ds, task)
+        v1_to_v2(model)
+        after = kd_eval(model, eval_ds, task)
+        summary["v1_to_v2"] = {"kd_loss_before": before["loss"], "kd_loss_after": after["loss"]}
+        log(f"V1 -> V2 (indices frozen): eval KD loss {before['loss']:.4f} -> {after['loss']:.4f}")
+    trainable = set_trainable(model, quant.g_only)
+    log(f"trainable parameters: {trainable:,}" + (" (magnitudes only)" if quant.g_only else ""))
+
+    ckpt = newest_checkpoint(out / "checkpoints" / "lm") if resume == "auto" else resume
+    if resume == "auto" and ckpt is None:
+        log("no checkpoint to resume from: starting fresh")
+    fingerprint = {"task": "kd-lm", "tokenizer": fp, "layers": {n: m.spec.to_dict() for n, m in
+                                                                  lut_layers(model).items()}}  # fmt: skip
+    res = fit(model, train_ds, eval_ds, train, batch_size=batch_size, seed=seed, run_dir=out, stage="lm",
+              resume=ckpt, fingerprint=fingerprint, progress=progress, task=task)  # fmt: skip
+    save_lut_model(out / "model.safetensors", model, base=base_id, tokenizer_fp=fp,
+                   extra={"quant": quant.model_dump(mode="json")})  # fmt: skip
+    hist = res.history
+    summary.update(res.summary(), best_metrics=res.best_metrics, bits=bits_per_weight(model),
+                   first_eval=hist[0] if hist and hist[0]["epoch"] == 0 else None,
+                   total_seconds=time.perf_counter() - t0)  # fmt: skip
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1, default=_json_default).encode())
+    return summary
+
+
+def _json_default(v):
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    raise TypeError(type(v).__name__)
