@@ -161,3 +161,18 @@ def test_cli_errors_are_one_line(tiny_lm_dir, tmp_path):
     assert r.returncode == 2 and "exactly one of --from-scratch" in r.stderr
     r = qatkit("generate", tiny_lm_dir)
     assert r.returncode == 2 and "--prompt" in r.stderr
+
+
+def test_quant_config_yaml_sets_bits_and_rank_per_rule_and_names_bad_keys(tiny_lm_dir, tmp_path):
+    from qatkit.cli_lm import load_quant_config
+
+    good = tmp_path / "q.yaml"
+    good.write_text("rules:\n  - {name: up, match: ['*.mlp.up_proj'], bits: 3, rank: 2}\n")
+    cfg = load_quant_config(good, {"preset": "Q2_A4"})
+    model, _ = load_causal_lm(tiny_lm_dir)
+    prepare_lm(model, cfg)
+    assert {(m.spec.bits, m.spec.rank) for n, m in lut_layers(model).items()} == {(3, 2)}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - {name: up, match: ['*.mlp.up_proj'], colour: red}\n")
+    r = qatkit("lm-train", "--cache-dir", tmp_path, "--from-scratch", "--model", tiny_lm_dir, "--quant-config", bad)
+    assert r.returncode == 2 and "unknown key 'colour'" in r.stderr and "Traceback" not in r.stderr

@@ -34,6 +34,29 @@ def load_for_inference(path: str, base: str | None):
     return model, tok, "float model"
 
 
+def load_quant_config(path: Path | None, flags: dict):
+    """An ``LMQuantConfig`` from a YAML file (its keys win over the flags) or from the flags alone."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .config_base import RecipeError
+    from .lm.rules import LMQuantConfig
+    from .recipe import format_validation_error
+
+    data = dict(flags)
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise RecipeError(f"{path}: expected a mapping of LMQuantConfig keys")
+        data.update(loaded)
+        if "rules" in loaded and "preset" not in loaded:
+            data["preset"] = None
+    try:
+        return LMQuantConfig.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{path or 'LM quantization flags'}: {format_validation_error(e, LMQuantConfig)}") from None
+
+
 def _is_packed(folder: Path) -> bool:
     import json
 
@@ -87,6 +110,7 @@ def lm_train_cmd(
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     save_steps: int = typer.Option(0, "--save-steps", min=0, help="Training-state checkpoint every N steps."),
     preset: str = typer.Option("Q2_A4", "--preset", help="Q2_A4, Q4_A4 or Q4_A8 (with --from-scratch)."),
+    quant_config: Optional[Path] = typer.Option(None, "--quant-config", help="YAML LMQuantConfig (rules per group)."),
     form: str = typer.Option("v1", "--form", help="Scale form for --from-scratch: v1 or v2."),
     ste_fp16: bool = typer.Option(False, "--ste-fp16", help="Train on FP16-rounded tables and scales."),
     mlp_only: bool = typer.Option(False, "--mlp-only", help="Quantize (and train) the MLP layers only."),
@@ -104,15 +128,15 @@ def lm_train_cmd(
 ) -> None:
     """KD-QAT of a causal LM's LUT layers from a KD cache (training_log: OUT/lm_steps.csv, OUT/lm_train.csv)."""
     from .lm.kd_task import KDTask
-    from .lm.rules import LMQuantConfig
     from .lm.train import lm_train
     from .train_config import TrainConfig
 
     starts = [s for s, on in (("scratch", from_scratch), ("v1", v1_checkpoint), ("v2", v2_checkpoint)) if on]
     if len(starts) != 1:
         raise ValueError("give exactly one of --from-scratch, --v1-checkpoint, --v2-checkpoint")
-    quant = LMQuantConfig(preset=preset, form=form if from_scratch else "v2" if g_only else "v1", ste_fp16=ste_fp16,
-                          mlp_only=mlp_only, g_only=g_only)  # fmt: skip
+    flags = {"preset": preset, "form": form if from_scratch else "v2" if g_only else "v1", "ste_fp16": ste_fp16,
+             "mlp_only": mlp_only, "g_only": g_only}  # fmt: skip
+    quant = load_quant_config(quant_config, flags)
     cfg = TrainConfig(epochs=100_000, max_steps=max_steps, lr=lr, schedule=schedule, warmup_epochs=warmup,
                       weight_decay=0.0, grad_clip=grad_clip or None,
                       checkpoint={"every_steps": save_steps},
