@@ -87,3 +87,19 @@ def test_early_stopping_stops_and_restores_best():
     cfg = TrainConfig(epochs=50, lr=1e-2, early_stopping=EarlyStopping(patience=3))
     res = fit(model, noise, noise, cfg, num_classes=2, batch_size=16, progress=False)
     assert res.stopped_early and len(res.history) == 1 + res.best_epoch + 3  # epoch-0 row, best, patience
+
+
+def test_max_steps_stops_mid_epoch_and_the_step_csv_has_every_step(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    cfg = TrainConfig(epochs=10, max_steps=5, lr=1e-2, schedule="cosine",
+                      logging={"step_csv": True, "tensorboard": False})  # fmt: skip
+    res = fit(model, _toy(), _toy(128, 1), cfg, num_classes=2, batch_size=32, run_dir=tmp_path, stage="toy",
+              progress=False)  # fmt: skip
+    assert res.steps == 5  # 256 samples / 32 = 8 steps per epoch: stopped inside the first epoch
+    rows = (tmp_path / "toy_steps.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,grad_norm,seconds" and [int(r.split(",")[0]) for r in rows[1:]] == [1, 2, 3, 4, 5]
+    lrs = [float(r.split(",")[2]) for r in rows[1:]]
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-9)  # the cosine schedule spans max_steps, not the 10 epochs
+    epochs = (tmp_path / "toy_train.csv").read_text().splitlines()
+    assert len(epochs) == 1 + 2  # baseline + the partial epoch, validated when training stopped
