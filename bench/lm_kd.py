@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 import time
@@ -31,6 +32,22 @@ from qatkit.train_config import TrainConfig
 
 LICENCES = Path("/usr/share/common-licenses")
 HELD_OUT = ["GFDL-1.2", "GFDL-1.3", "MPL-1.1", "MPL-2.0"]
+HELD_OUT_MARKERS = re.compile(r"Free Documentation License|\bGFDL\b|Mozilla Public License|\bMPL\b")
+
+
+def copyright_files() -> list[Path]:
+    """Debian's per-package copyright files, deduplicated, without any that mention a held-out licence."""
+    seen, out = set(), []
+    for p in sorted(Path("/usr/share/doc").glob("*/copyright")):
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if HELD_OUT_MARKERS.search(text) or hash(text) in seen:
+            continue
+        seen.add(hash(text))
+        out.append(p)
+    return out
 
 
 def main() -> None:
@@ -46,6 +63,10 @@ def main() -> None:
     ap.add_argument("--preset", default="Q2_A4")
     ap.add_argument("--eval-windows", type=int, default=0, help="use only the first N held-out windows (0: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--corpus", choices=["licences", "licences+copyright"], default="licences",
+                    help="KD corpus: the licence texts not held out, plus (licences+copyright) the Debian "
+                         "/usr/share/doc/*/copyright files that do not mention a held-out licence")
+    ap.add_argument("--max-sequences", type=int, default=0, help="cap on KD cache windows (0: all)")
     ap.add_argument("--reuse-run", action="store_true", help="skip training if WORK/run/summary.json exists")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -57,16 +78,20 @@ def main() -> None:
 
     teacher, tok = load_causal_lm("smollm2")
     train_files = sorted(p for p in LICENCES.iterdir() if p.is_file() and not p.is_symlink() and p.name not in HELD_OUT)
+    if args.corpus == "licences+copyright":
+        train_files += copyright_files()
     held = tokenize_corpus(read_texts([LICENCES / n for n in HELD_OUT]), tok, 256)
     if args.eval_windows:
         held = held[: args.eval_windows]
-    cache = work / f"cache_L{args.seq_len}_K{args.top_k}_R{args.negatives}"
+    cache = work / f"cache_{args.corpus}_L{args.seq_len}_K{args.top_k}_R{args.negatives}_N{args.max_sequences}"
     seqs = tokenize_corpus(read_texts(train_files), tok, args.seq_len)
+    if args.max_sequences:
+        seqs = seqs[: args.max_sequences]
     t = time.perf_counter()
     build_kd_cache(teacher, tok, seqs, cache, teacher_name="smollm2", top_k=args.top_k, negatives=args.negatives,
                    eval_fraction=0.05)  # fmt: skip
     res["cache"] = {"sequences": len(seqs), "seq_len": args.seq_len, "seconds": time.perf_counter() - t,
-                    "train_files": [p.name for p in train_files], "held_out": HELD_OUT}  # fmt: skip
+                    "train_files": len(train_files), "held_out": HELD_OUT}  # fmt: skip
 
     def score(name: str, model) -> None:
         t = time.perf_counter()
@@ -97,12 +122,11 @@ def main() -> None:
     score("kd_qat", student)
     snap_model(student)
     score("kd_qat_fp16", student)
-    packed = save_packed(work / "packed", student, base="smollm2", tokenizer=tok)
-    res["packed"] = packed
+    res["pack"] = save_packed(work / "packed", student, base="smollm2", tokenizer=tok)
     loaded, _ = load_packed(work / "packed")
     score("packed", loaded)
     res["total_seconds"] = time.perf_counter() - t0
-    print(json.dumps({k: res[k] for k in ("bits", "packed")}, indent=1))
+    print(json.dumps({k: res[k] for k in ("bits", "pack")}, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=1))
