@@ -185,3 +185,11 @@ def test_lut_spec_rejects_bad_settings():
         LUTSpec(form="v3")
     with pytest.raises(ValueError, match="divide"):
         LUTLinear(8, 10, False, LUTSpec(group_rows=3))
+
+
+def test_to_linear_gives_the_same_outputs_as_the_lut_layer():
+    torch.manual_seed(4)
+    m = LUTLinear.from_linear(nn.Linear(20, 12), LUTSpec(bits=2, rank=3, form="v2"))
+    x = torch.randn(6, 20)
+    lin = m.to_linear()
+    assert type(lin) is nn.Linear and torch.allclose(lin(x), m(x), atol=1e-6)

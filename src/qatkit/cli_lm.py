@@ -227,11 +227,13 @@ def generate(
     """Generate text from a (quantized) model, to see that it still talks sense."""
     from .lm.generate import generate_text
     from .lm.generate import interactive as loop
+    from .lm.rules import dequantize_lm
 
     if not prompt and not interactive:
         raise ValueError("give --prompt TEXT or --interactive")
     lm, tok, label = load_for_inference(checkpoint, model)
-    console.print(f"[dim]{label}: {checkpoint}[/]")
+    n = dequantize_lm(lm)  # LUT layers as Linear with their dequantized weights: same outputs, float speed
+    console.print(f"[dim]{label}: {checkpoint}" + (f" ({n} LUT layers)" if n else "") + "[/]")
     kw = {"max_tokens": max_tokens, "temperature": temperature, "repetition_penalty": repetition_penalty,
           "seed": seed}  # fmt: skip
     if prompt:

@@ -179,6 +179,15 @@ def freeze_q_all(model: nn.Module) -> int:
     return len(layers)
 
 
+def dequantize_lm(model: nn.Module) -> int:
+    """Replace every LUT layer by a Linear with its dequantized weight (inference: the same outputs, float speed)."""
+    layers = lut_layers(model)
+    for name, m in layers.items():
+        parent, child = _parent(model, name)
+        setattr(parent, child, m.to_linear())
+    return len(layers)
+
+
 def set_forward_mode(model: nn.Module, mode: str) -> None:
     for m in lut_layers(model).values():
         m.set_forward_mode(mode)

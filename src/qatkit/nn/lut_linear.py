@@ -139,6 +139,15 @@ class LUTLinear(nn.Module):
             a, b = self.factors()
             return self._ungroup(nearest_index(self._grouped(self.weight / (a @ b)), self.table())).to(torch.uint8)
 
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain Linear holding the dequantized weight: the same outputs, at float speed (for inference)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device)
+        lin.weight.copy_(self.dequantized_weight())
+        if self.bias is not None:
+            lin.bias.copy_(self.bias)
+        return lin
+
     # ---- conversions ---------------------------------------------------------------------------------
     @torch.no_grad()
     def freeze_q(self) -> None:
