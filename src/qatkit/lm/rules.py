@@ -37,8 +37,11 @@ class LUTRule(Strict):
 
 
 def _preset(mlp_bits: int, mlp_rank: int, attn_bits: int, attn_rank: int) -> list[LUTRule]:
-    return [LUTRule(name="mlp", match=MLP_PATTERNS, bits=mlp_bits, rank=mlp_rank),
-            LUTRule(name="attention", match=ATTENTION_PATTERNS, bits=attn_bits, rank=attn_rank, attention=True)]  # fmt: skip
+    """Per-row tables (``group_rows: 1``): on SmolLM2 Q2_A4 they start 11x better than one table per layer and
+    reach 11x lower perplexity after 40 KD steps, for 0.04-0.44 extra bits per weight (bench/README.md)."""
+    return [LUTRule(name="mlp", match=MLP_PATTERNS, bits=mlp_bits, rank=mlp_rank, group_rows=1),
+            LUTRule(name="attention", match=ATTENTION_PATTERNS, bits=attn_bits, rank=attn_rank, group_rows=1,
+                    attention=True)]  # fmt: skip
 
 
 PRESETS = {
