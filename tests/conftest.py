@@ -1,7 +1,11 @@
 """Shared fixtures: tiny models and data made in the test itself."""
 
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub: everything is made locally
 
 from qatkit.models import MLP, TinyTransformer
 
