@@ -285,8 +285,10 @@ def test_txt_folder_corpus(lm, tmp_path):
         tokenize_corpus(read_texts([tmp_path]), lm[1], 11)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_texts([tmp_path / "nope.txt"])
-    with pytest.raises(ValueError, match="neither .txt nor .jsonl"):
-        read_texts([tmp_path / "notes.md"])
+    assert read_texts([tmp_path / "notes.md"]) == ["ignored"]  # a file named explicitly is plain text (licences)
+    (tmp_path / "blob.bin").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        read_texts([tmp_path / "blob.bin"])
 
 
 def test_split_holdout():
