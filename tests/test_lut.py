@@ -193,3 +193,15 @@ def test_to_linear_gives_the_same_outputs_as_the_lut_layer():
     x = torch.randn(6, 20)
     lin = m.to_linear()
     assert type(lin) is nn.Linear and torch.allclose(lin(x), m(x), atol=1e-6)
+
+
+def test_without_normalizer_grad_the_scale_gradient_is_the_rescaling_term_only():
+    torch.manual_seed(5)
+    m = LUTLinear.from_linear(nn.Linear(10, 6, bias=False), LUTSpec(bits=2, rank=2, normalizer_grad=False))
+    x = torch.randn(4, 10)
+    upstream = torch.randn(4, 6)
+    (m(x) * upstream).sum().backward()
+    g_w = upstream.T @ x  # dL/dW_hat for y = x @ W_hat.T
+    q = m.codes().detach()
+    expected_a = (g_w * q) @ m.scale_b.detach().T  # W_hat = q ⊙ (A @ B) with q held constant
+    assert torch.allclose(m.scale_a.grad, expected_a, atol=1e-5)

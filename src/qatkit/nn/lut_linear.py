@@ -22,7 +22,11 @@ WEIGHTINGS = ("uniform", "magnitude")
 
 @dataclass(frozen=True)
 class LUTSpec:
-    """How one layer is quantized: table bits, scale rank, rows per table (None: one per tensor), scale form."""
+    """How one layer is quantized: table bits, scale rank, rows per table (None: one per tensor), scale form.
+
+    ``normalizer_grad: False`` stops the scale gradient at the normalisation ``W / (A @ B)`` (it then flows only
+    through the rescaling), which avoids the 1/S² blow-up where a scale entry nears zero.
+    """
 
     bits: int = 2
     rank: int = 32
@@ -31,6 +35,7 @@ class LUTSpec:
     learnable_lut: bool = True
     ste_fp16: bool = False
     kmeans_weighting: str = "magnitude"
+    normalizer_grad: bool = True
 
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
@@ -119,7 +124,8 @@ class LUTLinear(nn.Module):
             return self._ungroup(lut.gather(1, self._grouped(self.index).long()))
         if a is None:
             a, b = self.factors()
-        return self._ungroup(lut_fake_quantize(self._grouped(self.weight / (a @ b)), lut))
+        scale = a @ b if self.spec.normalizer_grad else (a @ b).detach()
+        return self._ungroup(lut_fake_quantize(self._grouped(self.weight / scale), lut))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
