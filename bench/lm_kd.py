@@ -67,6 +67,7 @@ def main() -> None:
                     help="KD corpus: the licence texts not held out, plus (licences+copyright) the Debian "
                          "/usr/share/doc/*/copyright files that do not mention a held-out licence")
     ap.add_argument("--max-sequences", type=int, default=0, help="cap on KD cache windows (0: all)")
+    ap.add_argument("--no-normalizer-grad", action="store_true", help="rules with normalizer_grad: false")
     ap.add_argument("--reuse-run", action="store_true", help="skip training if WORK/run/summary.json exists")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -101,6 +102,9 @@ def main() -> None:
 
     score("float", teacher)
     quant = LMQuantConfig(preset=args.preset)
+    if args.no_normalizer_grad:
+        quant = LMQuantConfig(preset=None, rules=[r.model_copy(update={"normalizer_grad": False})
+                                                  for r in quant.resolved_rules()])  # fmt: skip
     prepare_lm(teacher, quant)
     res["bits"] = bits_per_weight(teacher)
     score("ptq", teacher)
@@ -108,7 +112,7 @@ def main() -> None:
 
     cfg = TrainConfig(epochs=1000, max_steps=args.steps, lr=args.lr, schedule="cosine", warmup_epochs=0.1,
                       weight_decay=0.0, grad_clip=1.0, logging={"step_csv": True, "quantizer_stats": False})  # fmt: skip
-    run = work / "run"
+    run = work / ("run_nograd" if args.no_normalizer_grad else "run")
     if args.reuse_run and (run / "summary.json").exists():
         summary = json.loads((run / "summary.json").read_text())
     else:

@@ -33,6 +33,7 @@ class LUTRule(Strict):
     group_rows: Optional[int] = Field(None, ge=1, description="output channels per table (None: one per layer)")
     learnable_lut: bool = True
     kmeans_weighting: Literal["uniform", "magnitude"] = "magnitude"
+    normalizer_grad: bool = True
     attention: bool = False
 
 
@@ -76,7 +77,7 @@ class LMQuantConfig(Strict):
     def spec(self, rule: LUTRule) -> LUTSpec:
         return LUTSpec(bits=rule.bits, rank=rule.rank, group_rows=rule.group_rows, form=self.form,
                        learnable_lut=rule.learnable_lut, ste_fp16=self.ste_fp16,
-                       kmeans_weighting=rule.kmeans_weighting)  # fmt: skip
+                       kmeans_weighting=rule.kmeans_weighting, normalizer_grad=rule.normalizer_grad)  # fmt: skip
 
 
 @dataclass
