@@ -197,7 +197,7 @@ def test_to_linear_gives_the_same_outputs_as_the_lut_layer():
 
 def test_without_normalizer_grad_the_scale_gradient_is_the_rescaling_term_only():
     torch.manual_seed(5)
-    m = LUTLinear.from_linear(nn.Linear(10, 6, bias=False), LUTSpec(bits=2, rank=2, normalizer_grad=False))
+    m = LUTLinear.from_linear(nn.Linear(10, 6, bias=False), LUTSpec(bits=2, rank=2))  # the default
     x = torch.randn(4, 10)
     upstream = torch.randn(4, 6)
     (m(x) * upstream).sum().backward()

@@ -33,7 +33,7 @@ class LUTRule(Strict):
     group_rows: Optional[int] = Field(None, ge=1, description="output channels per table (None: one per layer)")
     learnable_lut: bool = True
     kmeans_weighting: Literal["uniform", "magnitude"] = "magnitude"
-    normalizer_grad: bool = True
+    normalizer_grad: bool = False
     attention: bool = False
 
 

@@ -24,8 +24,9 @@ WEIGHTINGS = ("uniform", "magnitude")
 class LUTSpec:
     """How one layer is quantized: table bits, scale rank, rows per table (None: one per tensor), scale form.
 
-    ``normalizer_grad: False`` stops the scale gradient at the normalisation ``W / (A @ B)`` (it then flows only
-    through the rescaling), which avoids the 1/S² blow-up where a scale entry nears zero.
+    ``normalizer_grad`` (default False) lets the scale gradient also flow through the normalisation
+    ``W / (A @ B)``; that term grows like 1/S² where a scale entry nears zero, and on SmolLM2 it made gradient
+    norms explode and KD-QAT converge far slower (bench/README.md).
     """
 
     bits: int = 2
@@ -35,7 +36,7 @@ class LUTSpec:
     learnable_lut: bool = True
     ste_fp16: bool = False
     kmeans_weighting: str = "magnitude"
-    normalizer_grad: bool = True
+    normalizer_grad: bool = False
 
     def __post_init__(self):
         if not 1 <= self.bits <= 8:
