@@ -98,5 +98,17 @@ def load_weights(path: str | Path, expect: dict | None = None, allow_foreign: bo
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
 
 
+def check_state_fits(path: str | Path, want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
+    """Refuse a loaded state dict whose keys or shapes differ from the model's, naming the first differences."""
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: checkpoint is for a different model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for k, v in want.items():
+        if tuple(v.shape) != tuple(got[k].shape):
+            raise CheckpointError(f"{path}: {k} has shape {tuple(got[k].shape)}, the model has {tuple(v.shape)}")
+
+
 def _short(e: Exception) -> str:
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__

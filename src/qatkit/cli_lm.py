@@ -21,10 +21,10 @@ def load_for_inference(path: str, base: str | None):
     """A packed folder, a LUT checkpoint (.safetensors) or a plain float model: ``(model, tokenizer, label)``."""
     from .lm.checkpoint import load_lut_model
     from .lm.hf import load_causal_lm
-    from .lm.pack import load_packed
+    from .lm.pack import FORMAT, load_packed
 
     p = Path(path)
-    if (p / "config.json").exists() and (p / "model.safetensors").exists() and _is_packed(p):
+    if (p / "model.safetensors").exists() and _json_format(p / "config.json") == FORMAT:
         model, tok = load_packed(p, base)
         return model, tok, "packed LUT model"
     if p.suffix == ".safetensors" and p.is_file():
@@ -57,13 +57,14 @@ def load_quant_config(path: Path | None, flags: dict):
         raise RecipeError(f"{path or 'LM quantization flags'}: {format_validation_error(e, LMQuantConfig)}") from None
 
 
-def _is_packed(folder: Path) -> bool:
+def _json_format(path: Path) -> str | None:
+    """The ``format`` field of a JSON file, or None (a float model's config.json has none)."""
     import json
 
     try:
-        return json.loads((folder / "config.json").read_text()).get("format") == "qatkit-packed-lut"
-    except ValueError:
-        return False
+        return json.loads(path.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def kd_cache(
@@ -84,15 +85,14 @@ def kd_cache(
     """Run a teacher over a corpus and store its top-K logits plus random negatives per position."""
     from .lm.cache import build_kd_cache
     from .lm.corpus import read_texts, tokenize_corpus
-    from .lm.hf import load_causal_lm
+    from .lm.hf import load_causal_lm, model_id
 
     docs = read_texts(corpus, text_field)
     model, tok = load_causal_lm(teacher)
     seqs = tokenize_corpus(docs, tok, seq_len, chat_template)
     if max_sequences:
         seqs = seqs[:max_sequences]
-    name = teacher if teacher == "smollm2" else str(Path(teacher).resolve())
-    path = build_kd_cache(model, tok, seqs, out, teacher_name=name, top_k=top_k, negatives=negatives,
+    path = build_kd_cache(model, tok, seqs, out, teacher_name=model_id(teacher), top_k=top_k, negatives=negatives,
                           shard_size=shard_size, batch_size=batch_size, seed=seed, eval_fraction=eval_fraction,
                           log=console.print)  # fmt: skip
     console.print(f"KD cache ready: {path}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_weights, read_metadata, save_weights
+from ..checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
 from .rules import layer_specs, lut_layers, rebuild_lm, set_trainable
 
 KIND = "lut-lm"
@@ -40,13 +40,7 @@ def apply_lut_checkpoint(model: nn.Module, path: str | Path, tokenizer_fp: str |
     state = load_weights(path)
     rebuild_lm(model, meta["layers"])
     layers = lut_layers(model)
-    want = {f"{n}.{k}": v for n, m in layers.items() for k, v in m.state_dict().items()}
-    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in want.items():
-        if tuple(v.shape) != tuple(state[k].shape):
-            raise CheckpointError(f"{path}: {k} has shape {tuple(state[k].shape)}, the model has {tuple(v.shape)}")
+    check_state_fits(path, {f"{n}.{k}": v for n, m in layers.items() for k, v in m.state_dict().items()}, state)
     model.load_state_dict(state, strict=False)
     set_trainable(model)
     return meta

@@ -59,6 +59,12 @@ def resolve_model_path(path: str | Path) -> tuple[Path, str | None]:
     raise ValueError(f"model folder {p} has neither config.json nor a .gguf file")
 
 
+def model_id(path: str | Path) -> str:
+    """How caches and checkpoints record a model: ``smollm2`` as is (unless a local path of that name exists),
+    anything else as an absolute path, so the record still works from another working directory."""
+    return SMOLLM2 if str(path) == SMOLLM2 and not Path(path).exists() else str(Path(path).resolve())
+
+
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """Load (model in eval mode, tokenizer) from a save_pretrained folder, a .gguf file/folder, or ``"smollm2"``."""
     transformers = require_transformers()

@@ -7,14 +7,12 @@ the cached candidate ids (teacher top-K ∪ random negatives); full-vocabulary l
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
 from .kd_loss import candidate_logits, kd_loss
+from .perplexity import from_nll, next_token_nll
 
 
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -68,15 +66,14 @@ class KDTask:
         for batch in loader:
             out, logits = self.terms(model, batch, device, full=True)
             b = len(batch["input_ids"])
-            target = batch["input_ids"][:, 1:].to(device)
-            nll = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
-            sums["nll"] += float(nll)
-            tokens += target.numel()
+            total, count = next_token_nll(logits, batch["input_ids"].to(device))
+            sums["nll"] += total
+            tokens += count
             for k, key in (("loss", "loss"), ("kl", "kl"), ("top1_agreement", "agree")):
                 sums[k] += float(out[key]) * b
             n += b
         model.train(was)
         m = {k: v / max(n, 1) for k, v in sums.items() if k != "nll"}
         m["nll"] = sums["nll"] / max(tokens, 1)
-        m["perplexity"] = math.exp(min(m["nll"], 50.0))
+        m["perplexity"] = from_nll(m["nll"])
         return m

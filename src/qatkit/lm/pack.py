@@ -19,7 +19,6 @@ from ..quant.packing import pack_bits, unpack_bits
 from .rules import bits_per_weight, freeze_q_all, lut_layers, rebuild_lm
 
 FORMAT = "qatkit-packed-lut"
-SCALE_NAMES = ("scale_a", "scale_b", "a_dir", "b_dir", "magnitude")
 
 
 def snap_model(model: nn.Module) -> int:
@@ -45,9 +44,8 @@ def save_packed(folder: str | Path, model: nn.Module, *, base: str, tokenizer) -
         cb = _code_bits(m.spec.bits)
         tensors[f"{name}.codes"] = pack_bits(m.index, cb)
         tensors[f"{name}.lut"] = m.lut.detach().half()
-        for s in SCALE_NAMES:
-            if s in m._parameters:
-                tensors[f"{name}.{s}"] = getattr(m, s).detach().half()
+        for s, p in m.scale_params().items():
+            tensors[f"{name}.{s}"] = p.detach().half()
         if m.bias is not None:
             tensors[f"{name}.bias"] = m.bias.detach()
         layers[name] = {"spec": m.spec.to_dict(), "in_features": m.in_features, "out_features": m.out_features,
@@ -89,9 +87,8 @@ def apply_packed(model: nn.Module, folder: str | Path, tokenizer_fp: str | None 
         try:
             m.index.copy_(unpack_bits(tensors[f"{name}.codes"], info["code_bits"], tuple(m.index.shape)))
             m.lut.copy_(tensors[f"{name}.lut"].float())
-            for s in SCALE_NAMES:
-                if s in m._parameters:
-                    getattr(m, s).copy_(tensors[f"{name}.{s}"].float())
+            for s, p in m.scale_params().items():
+                p.copy_(tensors[f"{name}.{s}"].float())
             if m.bias is not None:
                 m.bias.copy_(tensors[f"{name}.bias"])
         except (KeyError, RuntimeError, ValueError) as e:

@@ -22,21 +22,16 @@ from ..train_config import TrainConfig
 from .cache import KDCache
 from .checkpoint import load_lut_model, save_lut_model
 from .convert import v1_to_v2
-from .hf import load_causal_lm, tokenizer_fingerprint
+from .hf import load_causal_lm, model_id, tokenizer_fingerprint
 from .kd_task import KDTask
 from .rules import LMQuantConfig, bits_per_weight, lut_layers, prepare_lm, set_trainable
 
 STARTS = ("scratch", "v1", "v2")
 
 
-def kd_eval(model, data: KDCache, task: KDTask, batch_size: int = 8) -> dict:
+def kd_eval(model, data: KDCache, task: KDTask) -> dict:
     """KD loss, KL, top-1 agreement and perplexity on a cache split."""
-    return task.evaluate(model, make_loader(data, batch_size, False), "cpu")
-
-
-def base_name(base: str) -> str:
-    """How a checkpoint records its base model: ``smollm2`` as is, paths absolute."""
-    return base if base == "smollm2" and not Path(base).exists() else str(Path(base).resolve())
+    return task.evaluate(model, make_loader(data, task.val_batch_size, False), "cpu")
 
 
 def load_student(start: str, base: str | None, checkpoint: str | Path | None, quant: LMQuantConfig, log=print):
@@ -50,14 +45,14 @@ def load_student(start: str, base: str | None, checkpoint: str | Path | None, qu
         t = time.perf_counter()
         report = prepare_lm(model, quant, log=log)
         log(f"{report.summary()} in {time.perf_counter() - t:.1f} s")
-        return model, tok, base_name(base)
+        return model, tok, model_id(base)
     if checkpoint is None:
         raise ValueError(f"start {start!r} needs a checkpoint")
     model, tok, meta = load_lut_model(checkpoint, base)
     forms = {m.spec.form for m in lut_layers(model).values()}
     if start == "v1" and forms != {"v1"}:
         raise ValueError(f"{checkpoint} is not a V1 checkpoint (its layers are {', '.join(sorted(forms))})")
-    return model, tok, meta["base"] if base is None else base_name(base)
+    return model, tok, meta["base"] if base is None else model_id(base)
 
 
 def lm_train(

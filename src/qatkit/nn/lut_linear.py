@@ -17,6 +17,7 @@ from ..quant.lowrank import FORWARD_MODES, expand_rank, init_scales, lowrank_lin
 from ..quant.lut import kmeans_lut, lut_fake_quantize, nearest_index, reduce_lut, ste_fp16
 
 FORMS = ("v1", "v2")
+SCALE_NAMES = ("scale_a", "scale_b", "a_dir", "b_dir", "magnitude")  # V1: scale_a, scale_b; V2: the other three
 WEIGHTINGS = ("uniform", "magnitude")
 
 
@@ -91,7 +92,7 @@ class LUTLinear(nn.Module):
         return m
 
     def _make_scales(self, a: torch.Tensor, b: torch.Tensor, form: str) -> None:
-        for name in ("scale_a", "scale_b", "a_dir", "b_dir", "magnitude"):
+        for name in SCALE_NAMES:
             self._parameters.pop(name, None)
         if form == "v1":
             self.scale_a, self.scale_b = nn.Parameter(a), nn.Parameter(b)
@@ -99,6 +100,10 @@ class LUTLinear(nn.Module):
             a_dir, b_dir, g = v1_to_v2(a, b)
             self.a_dir, self.b_dir, self.magnitude = nn.Parameter(a_dir), nn.Parameter(b_dir), nn.Parameter(g)
         self.spec = LUTSpec(**{**self.spec.to_dict(), "form": form, "rank": a.shape[1]})
+
+    def scale_params(self) -> dict[str, nn.Parameter]:
+        """The scale parameters of this layer's form, by name (V1: scale_a, scale_b; V2: a_dir, b_dir, magnitude)."""
+        return {n: self._parameters[n] for n in SCALE_NAMES if n in self._parameters}
 
     def _grouped(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(self.lut.shape[0], -1)
@@ -203,8 +208,7 @@ class LUTLinear(nn.Module):
     @torch.no_grad()
     def snap_fp16(self) -> None:
         """Round the table and scale parameters to FP16-representable values (what the device stores)."""
-        for p in [self.lut, *(getattr(self, n) for n in ("scale_a", "scale_b", "a_dir", "b_dir", "magnitude")
-                              if n in self._parameters)]:  # fmt: skip
+        for p in [self.lut, *self.scale_params().values()]:
             p.copy_(p.to(torch.float16).float())
 
     def _load_from_state_dict(self, *args, **kwargs):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, load_weights, read_metadata, save_weights
+from ..checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
 
 
 def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -115,14 +115,7 @@ def load_training_state(
         raise CheckpointError(f"{path}: not a training-state checkpoint (kind {meta.get('kind')!r})")
     tensors = load_weights(path, expect=expect)
     model_sd = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-    missing, unexpected = _diff_keys(model.state_dict(), model_sd)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: checkpoint is for a different model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    for k, v in model.state_dict().items():
-        if tuple(v.shape) != tuple(model_sd[k].shape):
-            raise CheckpointError(f"{path}: {k} has shape {tuple(model_sd[k].shape)}, the model has {tuple(v.shape)}")
+    check_state_fits(path, model.state_dict(), model_sd)
     model.load_state_dict(model_sd)
     state = meta["state"]
     if optimizer is not None:
@@ -135,6 +128,3 @@ def load_training_state(
         set_rng_state(meta["rng"], tensors)
     return meta["counters"]
 
-
-def _diff_keys(want: dict, got: dict) -> tuple[list[str], list[str]]:
-    return sorted(set(want) - set(got)), sorted(set(got) - set(want))
