@@ -164,7 +164,7 @@ def lm_convert(
     from .lm.cache import KDCache
     from .lm.checkpoint import load_lut_model, save_lut_model
     from .lm.convert import to_target, v1_to_v2
-    from .lm.hf import tokenizer_fingerprint
+    from .lm.hf import model_id, tokenizer_fingerprint
     from .lm.kd_task import KDTask
     from .lm.rules import PRESETS, LMQuantConfig
     from .lm.train import kd_eval
@@ -180,7 +180,7 @@ def lm_convert(
         changed = to_target(student, LMQuantConfig(preset=to), seed)
         kinds = sorted(set(changed.values()))
         console.print(f"{len(changed)} layers converted: " + "; ".join(kinds))
-    save_lut_model(out, student, base=model or meta["base"], tokenizer_fp=tokenizer_fingerprint(tok))
+    save_lut_model(out, student, base=model_id(model) if model else meta["base"], tokenizer_fp=tokenizer_fingerprint(tok))
     if data is not None:
         after = kd_eval(student, data, KDTask())
         console.print(f"eval KD loss {before['loss']:.4f} -> {after['loss']:.4f}; perplexity "
@@ -197,6 +197,7 @@ def snap(
     """Snap tables and scales to FP16 and write the packed checkpoint (2/4-bit indices, FP16 tables and scales)."""
     from .lm.cache import KDCache
     from .lm.checkpoint import load_lut_model
+    from .lm.hf import model_id
     from .lm.kd_task import KDTask
     from .lm.pack import save_packed, snap_model
     from .lm.train import kd_eval
@@ -205,7 +206,7 @@ def snap(
     data = KDCache(cache, tok, "eval") if cache else None
     before = kd_eval(student, data, KDTask()) if data is not None else None
     snap_model(student)
-    report = save_packed(out, student, base=model or meta["base"], tokenizer=tok)
+    report = save_packed(out, student, base=model_id(model) if model else meta["base"], tokenizer=tok)
     if data is not None:
         after = kd_eval(student, data, KDTask())
         console.print(f"FP16 snap: eval KD loss {before['loss']:.4f} -> {after['loss']:.4f}")
