@@ -6,6 +6,8 @@ import sys
 
 import yaml
 
+from qatkit.recipe import FORMATS
+
 TINY = {
     "name": "tiny",
     "data": {"name": "digits", "batch_size": 64},
@@ -22,30 +24,60 @@ def qatkit(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "qatkit", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def test_run_tiny_recipe_writes_report(tmp_path):
+def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(yaml.safe_dump(TINY))
+    recipe.write_text(yaml.safe_dump(dict(TINY, export={"formats": list(FORMATS), "latency_seconds": 0.05})))
     out = tmp_path / "out"
     r = qatkit("run", str(recipe), "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
-    stages = {(row["variant"], row["stage"], row["runtime"]) for row in report["rows"]}
-    assert stages == {
-        ("fp32", "fp32", "pytorch"),
-        ("fp32", "fp32", "onnxruntime"),
-        ("w4a8", "ptq", "pytorch"),
-        ("w4a8", "qat", "pytorch"),
-        ("w4a8", "ptq", "onnxruntime"),
-        ("w4a8", "qat", "onnxruntime"),
-    }
-    for name in ("fp32.safetensors", "w4a8_qat.safetensors", "w4a8_qat.onnx", "report.md", "fp32_train.csv"):
+    rows = {(row["variant"], row["stage"], row["format"], row["precision"]): row for row in report["rows"]}
+    sources = [("fp32", "fp32"), ("w4a8", "ptq"), ("w4a8", "qat")]
+    assert {k[:2] for k in rows if k[2] == "pytorch"} == set(sources)
+    assert {k[3] for k in rows if k[2] == "tflite"} == {"fp32", "dynamic_int8", "int8"}  # the default precisions
+    for fmt, float_prec, quant_prec in [("onnx", "fp32", "int8"), ("tflite", "fp32", "int8"),
+                                        ("coreml", "fp16", "int8"), ("packed", None, "packed")]:  # fmt: skip
+        expected = [("fp32", "fp32", float_prec)] if float_prec else []
+        expected += [("w4a8", s, quant_prec) for s in ("ptq", "qat")]
+        for v, s, p in expected:
+            row = rows[v, s, fmt, p]
+            assert (out / row["file"]).exists() and row["size_bytes"] > 0
+            if fmt == "coreml":
+                assert row["metrics"] is None and row["parity"] == "structure ok (not run)"
+            else:
+                assert row["parity"] == "ok" and row["agreement"] >= 0.99, row
+    qat_onnx = rows["w4a8", "qat", "onnx", "int8"]
+    assert qat_onnx["details"]["integer_kernels"] and set(qat_onnx["latency_ms"]) == {"1", "64"}
+    assert set(rows["w4a8", "qat", "tflite", "int8"]["latency_ms"]) == {"1", "64"}
+    for name in ("fp32.safetensors", "w4a8_qat.safetensors", "report.md", "fp32_train.csv"):
         assert (out / name).is_file()
-    qat_onnx = next(r for r in report["rows"] if r["stage"] == "qat" and r["runtime"] == "onnxruntime")
-    assert qat_onnx["agreement"] >= 0.99 and qat_onnx["fused_ops"]
-    assert set(qat_onnx["latency_ms"]) == {"1", "64"}
     md = (out / "report.md").read_text()
-    assert "| w4a8 qat | onnxruntime |" in md and "## Layers: w4a8" in md
+    assert "| w4a8 qat | litert | tflite | int8 |" in md and "## Layers: w4a8" in md and "not run" in md
     assert report["warm_start"]["w4a8"]["mismatched"] == []
+
+    # re-export one format from the checkpoints: its rows are replaced, the others kept
+    before = (out / "packed" / "w4a8_qat.packed.safetensors").stat().st_mtime_ns
+    r = qatkit("export", str(out), "--format", "packed")
+    assert r.returncode == 0, r.stderr
+    again = json.loads((out / "report.json").read_text())
+    assert len(again["rows"]) == len(report["rows"])
+    assert (out / "packed" / "w4a8_qat.packed.safetensors").stat().st_mtime_ns > before
+    r = qatkit("export", str(out), "--format", "zip")
+    assert r.returncode == 2 and "unknown export format 'zip'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_parity_failure_exits_nonzero_unless_allowed(tmp_path):
+    # int8 inputs/outputs need quantized logits; w4a8 leaves them float, so that export fails -> parity fails
+    export = {"formats": ["tflite"], "tflite": {"precisions": ["int8"], "io": "int8"}, "latency_batches": [1]}
+    recipe = dict(TINY, export=export)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(recipe))
+    r = qatkit("run", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "o"), "--no-progress")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert "failed parity" in r.stderr and "add `output: {}` to a rule matching layer 'net.3'" in r.stderr
+    assert (tmp_path / "o" / "report.md").is_file()  # the report is written before the run fails
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(dict(recipe, export=dict(export, allow_parity_failure=True))))
+    r = qatkit("run", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "a"), "--no-progress")
+    assert r.returncode == 0 and "allowed by the recipe" in r.stdout
 
 
 def test_layers_command_prints_report():
@@ -84,7 +116,7 @@ def test_fp32_checkpoint_with_folded_batchnorm_reloads(tmp_path):
         "model": {"name": "cnn1d", "args": {"channels": [8]}},
         "fp32": {"train": {"epochs": 2, "lr": 0.003}},
         "variants": [{"name": "w8", "quant": {"preset": "w8"}, "qat": None}],
-        "export": {"onnx": False},
+        "export": {"formats": []},
     }
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(first))
     assert qatkit("run", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "a"), "--no-progress").returncode == 0
@@ -112,7 +144,7 @@ def test_stages_run_in_order_with_their_own_settings(tmp_path):
                 ],
             }
         ],
-        export={"onnx": False},
+        export={"formats": []},
     )
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(recipe))
     r = qatkit("run", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o"), "--no-progress")

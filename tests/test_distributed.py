@@ -22,7 +22,7 @@ RECIPE = {
             "qat": {"epochs": 2, "lr": 0.0005, "checkpoint": {"every_steps": 8, "keep": 5}},
         }
     ],
-    "export": {"onnx": False},
+    "export": {"formats": []},
 }
 
 

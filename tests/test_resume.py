@@ -24,7 +24,7 @@ RECIPE = {
             "qat": {"epochs": 4, "lr": 0.0005, "schedule": "cosine", "checkpoint": {"every_steps": 40, "keep": 2}},
         }
     ],
-    "export": {"onnx": False},
+    "export": {"formats": []},
 }
 
 

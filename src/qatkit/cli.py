@@ -1,4 +1,5 @@
-"""Command line: ``qatkit run [RECIPE]``, ``qatkit layers RECIPE``, ``qatkit recipes`` (LM commands: cli_lm.py).
+"""Command line: ``qatkit run [RECIPE]``, ``qatkit export RUN_DIR``, ``qatkit layers RECIPE``, ``qatkit recipes``
+(LM commands: cli_lm.py).
 
 Errors print one readable line and exit with status 2; ``--debug`` shows the traceback instead.
 """
@@ -64,7 +65,9 @@ def run(
         None, "--resume", help="'auto': skip finished stages, continue the interrupted one; or a checkpoint path."
     ),
 ) -> None:
-    """Run FP32 -> PTQ -> QAT -> ONNX export -> ONNX Runtime verification; write DIR/report.{json,md}."""
+    """Run FP32 -> PTQ -> QAT -> export -> verify each file in its runtime; write DIR/report.{json,md}.
+
+    Exits 1 if an exported file fails parity (unless the recipe sets export.allow_parity_failure)."""
     from .pipeline import run as run_pipeline
     from .recipe import load_recipe
     from .train.loop import TrainingInterrupted
@@ -76,6 +79,22 @@ def run(
     except TrainingInterrupted as e:
         err_console.print(f"stopped: {e}", highlight=False, soft_wrap=True)
         sys.exit(130)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (with report.json and checkpoints)."),
+    formats: Optional[list[str]] = typer.Option(
+        None, "--format", "-f", help="onnx, tflite, coreml or packed; repeat for several (default: the recipe's)."
+    ),
+    allow_parity_failure: bool = typer.Option(False, "--allow-parity-failure", help="Exit 0 even if parity fails."),
+) -> None:
+    """Write and verify exported files for a finished run from its checkpoints; update its report."""
+    from .export_run import export_run
+    from .exports import check_parity
+
+    report, recipe = export_run(run_dir, formats, console)
+    check_parity(report, allow_parity_failure or recipe.export.allow_parity_failure, console)
 
 
 @app.command()
@@ -117,8 +136,10 @@ cli_lm.register(app)
 
 
 def main() -> None:
-    """Entry point: usage errors are typer's (exit 2); expected failures print one line and exit 2."""
+    """Entry point: usage errors are typer's (exit 2); expected failures print one line and exit 2; a parity
+    failure of an exported file exits 1."""
     from .checkpoint import CheckpointError
+    from .exports import ParityError
     from .recipe import RecipeError
 
     expected = (RecipeError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError, ImportError)
@@ -134,7 +155,7 @@ def main() -> None:
         known = isinstance(e, expected)
         msg = str(e) if known else f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
         err_console.print(f"[bold red]error:[/] {' '.join(msg.split())}", highlight=False, soft_wrap=True)
-        sys.exit(2 if known else 1)
+        sys.exit(1 if isinstance(e, ParityError) or not known else 2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Causal-LM commands (seed 004): ``kd-cache``, ``lm-train``, ``lm-convert``, ``snap``, ``generate``, ``plot-loss``.
+"""Causal-LM commands (seed 004): ``kd-cache``, ``lm-train``, ``lm-convert``, ``snap``, ``lm-export``, ``generate``,
+``plot-loss``.
 
 Registered on the main ``qatkit`` app by :func:`register`; they need the ``lm`` extra (transformers) except
 ``plot-loss``. Errors follow the main CLI: one line, exit 2, ``--debug`` for the traceback.
@@ -215,6 +216,25 @@ def snap(
                   f"by count; {report['size_vs_fp16']:.3f}x FP16): {out}")  # fmt: skip
 
 
+def lm_export(
+    checkpoint: str = typer.Argument(..., help="A LUT checkpoint (.safetensors) or a packed folder."),
+    out: Path = typer.Option(..., "--output", "--out", "-o", help="The .mlpackage to write."),
+    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP + " Default: the checkpoint's base."),
+    seq_len: int = typer.Option(64, "--seq-len", min=1, help="Fixed input length (token ids) of the Core ML model."),
+) -> None:
+    """Write a Core ML .mlpackage whose palettized weights are the model's own trained LUTs, and check them."""
+    from .lm.coreml import export_lm_coreml
+
+    lm, _, label = load_for_inference(checkpoint, model)
+    r = export_lm_coreml(lm, out, seq_len)
+    if r["layers"] != r["expected"] or not r["luts_equal"]:
+        raise RuntimeError(f"{out}: stored tables differ from the model's ({r['layers']} of {r['expected']} "
+                           f"layers matched, tables equal: {r['luts_equal']})")  # fmt: skip
+    console.print(f"{label} -> Core ML: {r['ops'].get('constexpr_lut_to_dense', 0)} palettized weights, tables equal "
+                  f"to the trained ones, weights within {r['max_rel_diff']:.2g} (relative) of the model's; "
+                  f"{r['size_bytes'] / 2**20:.2f} MiB: {out} (not run: no Core ML runtime on Linux)")  # fmt: skip
+
+
 def generate(
     checkpoint: str = typer.Argument(..., help="Packed folder, LUT checkpoint, or float model (folder/.gguf)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p"),
@@ -259,5 +279,6 @@ def register(app: typer.Typer) -> None:
     app.command("lm-train")(lm_train_cmd)
     app.command("lm-convert")(lm_convert)
     app.command("snap")(snap)
+    app.command("lm-export")(lm_export)
     app.command("generate")(generate)
     app.command("plot-loss")(plot_loss)

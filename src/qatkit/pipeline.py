@@ -1,7 +1,8 @@
-"""The main job, top to bottom: FP32 -> PTQ -> QAT (warm-started) -> ONNX export -> verify in ONNX Runtime.
+"""The main job, top to bottom: FP32 -> PTQ -> QAT (warm-started) -> export -> verify each file in its runtime.
 
 Every number in the report comes from this run: PyTorch stages are evaluated on the test split, exported
-files are run in ONNX Runtime on the same split and compared with the PyTorch model they came from.
+files (ONNX, LiteRT, Core ML, packed; the recipe's ``export.formats``) are run in their runtimes on the same
+split and compared with the PyTorch model they came from (Core ML: checked structurally, see exports.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from rich.console import Console
 
 from .checkpoint import read_metadata, save_weights
 from .data import load_dataset
-from .export import verify
-from .export.onnx import export_onnx
+from .exports import Source, check_parity, verify_artifacts, write_artifacts
 from .fold import fold_batchnorm
 from .models import build_model
 from .prepare import prepare, quant_status
@@ -24,7 +24,7 @@ from .ptq import calibrate
 from .recipe import Recipe, RecipeError, Variant
 from .report import Report, Row
 from .stages import StageRunner, seed_everything
-from .train import agreement, classification_metrics, make_loader, predict
+from .train import classification_metrics, make_loader, predict
 from .train.distributed import barrier, init_from_env
 from .warmstart import warm_start
 
@@ -61,7 +61,7 @@ def run(
     def new_model() -> torch.nn.Module:
         return build_model(recipe.model.name, data.input_shape, nc, **recipe.model.args)
 
-    onnx_files: dict[str, tuple[Path, torch.Tensor, str, str]] = {}
+    sources: list[Source] = []
 
     def save(name: str, model: torch.nn.Module, meta: dict) -> Path:
         path = out / name
@@ -71,15 +71,13 @@ def run(
         return path
 
     def record(model: torch.nn.Module, variant: str, stage: str, size_bytes: int | None = None) -> None:
-        """Evaluate on the test split, add the PyTorch row, and export the model for the ORT rows."""
+        """Evaluate on the test split, add the PyTorch row, and keep the model as a source of exported files."""
         logits, targets = predict(model, test_loader)
         metrics = classification_metrics(logits, targets, nc)
         status = None if variant == "fp32" else quant_status(model)
         report.add(Row(variant, stage, "pytorch", metrics, size_bytes=size_bytes, status=status))
         console.print(f"{stage.upper()} test accuracy {metrics['accuracy']:.4f}, NLL {metrics['loss']:.4f}")
-        if recipe.export.onnx and info.main:
-            key, file = ("fp32", "fp32") if variant == "fp32" else (f"{variant}/{stage}", f"{variant}_{stage}")
-            onnx_files[key] = (export_onnx(model, x_test[:2], out / f"{file}.onnx"), logits, variant, stage)
+        sources.append(Source(variant, stage, model, logits))
 
     def summarize(prefix: str) -> None:
         for name, summary in stages.summaries.items():
@@ -130,15 +128,17 @@ def run(
         qckpt = save(f"{v.name}_qat.safetensors", qat_model, {"stage": f"{v.name}/qat"})
         record(qat_model, v.name, "qat", qckpt.stat().st_size)
 
-    # ---- verify every exported file in ONNX Runtime ---------------------------------------------
-    if onnx_files:
-        console.rule("[bold]ONNX Runtime[/]: accuracy, agreement, size, latency")
-        _verify_onnx(onnx_files, data, nc, recipe, report)
+    # ---- write every exported file, run each in its runtime ------------------------------------
+    if recipe.export.formats and info.main:
+        console.rule(f"[bold]export[/]: {', '.join(recipe.export.formats)}; accuracy, agreement, size, latency")
+        arts = write_artifacts(sources, recipe.export, out, x_test, console)
+        verify_artifacts(arts, x_test.numpy(), data.test.tensors[1], nc, recipe.export, report)
     report.seconds = time.perf_counter() - t_start
     if info.main:
         report.write(out)
     console.print(report.rich_table())
     console.print(f"report: {out / 'report.md'}")
+    check_parity(report, recipe.export.allow_parity_failure, console)
     return report
 
 
@@ -158,31 +158,3 @@ def _warm_started(new_model, folded: bool, v: Variant, ckpt: Path):
         fold_batchnorm(model)
     _prepare_variant(model, v)
     return model, warm_start(model, ckpt)
-
-
-def _verify_onnx(files: dict, data, nc: int, recipe: Recipe, report: Report) -> None:
-    x = data.test.tensors[0].numpy()
-    y = data.test.tensors[1]
-    sessions = {}
-    for key, (path, torch_logits, variant, stage) in files.items():
-        sess = verify.session(path, threads=recipe.export.latency_threads)
-        sessions[key] = sess
-        logits = torch.from_numpy(verify.run(sess, x))
-        metrics = classification_metrics(logits, y, nc)
-        row = Row(
-            variant,
-            stage,
-            "onnxruntime",
-            metrics,
-            size_bytes=verify.file_size(path),
-            agreement=agreement(logits.numpy(), torch_logits.numpy()),
-            file=path.name,
-        )
-        if stage != "fp32":
-            row.fused_ops = verify.fused_int8_ops(path)
-        report.add(row)
-    lat = verify.latencies(sessions, x[:64], recipe.export.latency_batches, recipe.export.latency_seconds)
-    for row in report.rows:
-        if row.runtime == "onnxruntime":
-            key = "fp32" if row.stage == "fp32" else f"{row.variant}/{row.stage}"
-            row.latency_ms = {str(b): ms for b, ms in lat[key].items()}

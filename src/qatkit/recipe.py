@@ -182,8 +182,38 @@ class Variant(Strict):
     """One QAT stage, or a chain of stages (seed 000's stabilise-then-fine-tune), or None for PTQ only."""
 
 
+FORMATS = ("onnx", "tflite", "coreml", "packed")
+
+
+class TFLiteExport(Strict):
+    """LiteRT files: ``fp32``, ``fp16`` and ``dynamic_int8`` come from the float model, ``int8`` (full integer,
+    the source's own scales) from each quantized model; ``io`` is the int8 files' input/output type."""
+
+    precisions: list[Literal["fp32", "fp16", "dynamic_int8", "int8"]] = Field(
+        default_factory=lambda: ["fp32", "dynamic_int8", "int8"]
+    )
+    io: Literal["float", "int8"] = "float"
+
+
+class CoreMLExport(Strict):
+    """Core ML files: ``fp16`` from the float model, ``int8`` (weights on the source's own scales) from each
+    quantized model."""
+
+    precisions: list[Literal["fp16", "int8"]] = Field(default_factory=lambda: ["fp16", "int8"])
+
+
 class ExportConfig(Strict):
-    onnx: bool = True
+    """Which files to write and verify, and when a file counts as a parity failure."""
+
+    formats: list[Literal["onnx", "tflite", "coreml", "packed"]] = Field(default_factory=lambda: ["onnx"])
+    tflite: TFLiteExport = Field(default_factory=TFLiteExport)
+    coreml: CoreMLExport = Field(default_factory=CoreMLExport)
+    min_agreement: float = Field(0.99, ge=0, le=1)
+    """Top-1 agreement with the source model below which an integer file fails parity."""
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1)
+    """Accuracy drop (fraction) below the source model beyond which any file fails parity."""
+    allow_parity_failure: bool = False
+    """Report parity failures but let ``qatkit run`` exit 0."""
     latency_batches: list[int] = Field(default_factory=lambda: [1, 64])
     latency_threads: int = Field(1, ge=1)
     latency_seconds: float = Field(0.5, gt=0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -68,16 +70,42 @@ def strip_debug_info(model) -> None:
 
 @contextlib.contextmanager
 def quiet(*more_loggers: str):
-    """Silence the exporter's progress prints, warnings and the named loggers (errors still raise)."""
-    names = ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo", *more_loggers)
+    """Silence the exporters' progress prints, warnings and the named loggers, and the native libraries' own
+    logging to file descriptors 1 and 2 (LiteRT and Core ML write there from C++). Errors still raise."""
+    names = ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo", "torch.utils._pytree", "torchao",
+             *more_loggers)  # fmt: skip
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            _native_fds_to_devnull(),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
         for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
+
+
+@contextlib.contextmanager
+def _native_fds_to_devnull():
+    """Point file descriptors 1 and 2 at /dev/null for the duration (restored afterwards)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)

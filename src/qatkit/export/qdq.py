@@ -4,6 +4,10 @@ Weights become integer initializers (int8 storage, any 2-8 bit grid) plus a dequ
 quantize/dequantize pair with constant scale and zero point. ONNX Runtime fuses DQ -> MatMul/Conv -> Q into
 int8 kernels. Per-group weights are stored one group per row and dequantized per row, then reshaped: they
 stay int8 on disk but the matmul runs in float (ONNX has no blocked Q/DQ before opset 21).
+
+``signed=True`` is the LiteRT flavour: every grid is stored as int8 (an unsigned grid shifts its zero point
+by -128, which changes no value) and weights stay float behind a quantize/dequantize pair, the form the LiteRT
+converter folds into int8 tensors.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ qd = torch.ops.quantized_decomposed
 
 
 class QDQWeight(nn.Module):
-    """Integer weight codes plus what it takes to dequantize them in the graph."""
+    """Integer weight codes plus what it takes to dequantize them in the graph (``signed``: see module doc)."""
 
-    def __init__(self, weight: torch.Tensor, fq: FakeQuantizer):
+    def __init__(self, weight: torch.Tensor, fq: FakeQuantizer, signed: bool = False):
         super().__init__()
         spec = fq.spec
         if bool(fq.observer_on):  # tracked ranges are refreshed on each forward: the last step's may be stale
@@ -35,38 +39,65 @@ class QDQWeight(nn.Module):
         codes = quantize_to_int(
             weight.detach(), fq.scale.detach(), fq.zero_point, spec.qmin, spec.qmax, fq.ch_axis, fq.group_size
         )
+        zero_point = fq.zero_point.detach().clone().to(torch.int64)
+        self.signed = signed
+        if signed:
+            if self.group:
+                raise ValueError("LiteRT int8 export does not support per-group weight scales")
+            if self.dtype == torch.uint8:
+                codes, zero_point = codes - 128, zero_point - 128
+                self.qmin, self.qmax, self.dtype = self.qmin - 128, self.qmax - 128, torch.int8
         if self.group:  # one row per group, so a per-row DequantizeLinear does per-group scaling
             codes = codes.reshape(-1, self.group)
         self.register_buffer("codes", codes.to(self.dtype))
         self.register_buffer("scale", fq.scale.detach().clone().float())
-        self.register_buffer("zero_point", fq.zero_point.detach().clone().to(torch.int64))
+        self.register_buffer("zero_point", zero_point)
         self.tensor_qparams = (float(self.scale.reshape(-1)[0]), int(self.zero_point.reshape(-1)[0]))
         self.shape = tuple(weight.shape)
+        if signed:  # float values on the grid, re-quantized in the graph (exact: they are already on it)
+            self.register_buffer("values", self._dequantize(self.codes))
 
     def forward(self) -> torch.Tensor:
-        if self.group:
-            rows = qd.dequantize_per_channel(
-                self.codes, self.scale, self.zero_point, 0, self.qmin, self.qmax, self.dtype
+        if not self.signed:
+            return self._dequantize(self.codes)
+        if self.ch_axis is None:
+            s, zp = self.tensor_qparams
+            q = qd.quantize_per_tensor(self.values, s, zp, self.qmin, self.qmax, self.dtype)
+        else:
+            q = qd.quantize_per_channel(
+                self.values, self.scale, self.zero_point, self.ch_axis, self.qmin, self.qmax, self.dtype
             )
+        return self._dequantize(q)
+
+    def _dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.group:
+            rows = qd.dequantize_per_channel(codes, self.scale, self.zero_point, 0, self.qmin, self.qmax, self.dtype)
             return rows.reshape(self.shape)
         if self.ch_axis is None:
             s, zp = self.tensor_qparams
-            return qd.dequantize_per_tensor(self.codes, s, zp, self.qmin, self.qmax, self.dtype)
+            return qd.dequantize_per_tensor(codes, s, zp, self.qmin, self.qmax, self.dtype)
         return qd.dequantize_per_channel(
-            self.codes, self.scale, self.zero_point, self.ch_axis, self.qmin, self.qmax, self.dtype
+            codes, self.scale, self.zero_point, self.ch_axis, self.qmin, self.qmax, self.dtype
         )
 
 
 class QDQInput(nn.Module):
     """Quantize-dequantize of a layer input with constants (uint8 for unsigned grids, int8 for signed)."""
 
-    def __init__(self, fq: FakeQuantizer):
+    def __init__(self, fq: FakeQuantizer, signed: bool = False):
         super().__init__()
         spec = fq.spec
         self.scale = float(fq.scale.detach().reshape(-1)[0])
         self.zero_point = int(fq.zero_point.reshape(-1)[0])
         self.qmin, self.qmax = spec.qmin, spec.qmax
         self.dtype = torch.uint8 if spec.qmin >= 0 else torch.int8
+        if signed and self.dtype == torch.uint8:
+            self.qmin, self.qmax, self.zero_point, self.dtype = (
+                self.qmin - 128,
+                self.qmax - 128,
+                self.zero_point - 128,
+                torch.int8,
+            )
         full = (0, 255) if self.dtype == torch.uint8 else (-128, 127)
         narrower = (self.qmin, self.qmax) != full
         self.clamp = (
@@ -85,12 +116,12 @@ class QDQInput(nn.Module):
 class QDQLayer(nn.Module):
     """A Linear or Conv layer in Q/DQ form: quantized input, integer weight, float bias, quantized output if asked."""
 
-    def __init__(self, wrapper: QuantModule):
+    def __init__(self, wrapper: QuantModule, signed: bool = False):
         super().__init__()
-        self.input_qdq = QDQInput(wrapper.input_quant) if wrapper.input_quant is not None else None
-        self.output_qdq = QDQInput(wrapper.output_quant) if wrapper.output_quant is not None else None
+        self.input_qdq = QDQInput(wrapper.input_quant, signed) if wrapper.input_quant is not None else None
+        self.output_qdq = QDQInput(wrapper.output_quant, signed) if wrapper.output_quant is not None else None
         if wrapper.weight_quant is not None:
-            self.weight_qdq = QDQWeight(wrapper.weight, wrapper.weight_quant)
+            self.weight_qdq = QDQWeight(wrapper.weight, wrapper.weight_quant, signed)
         else:
             self.register_buffer("float_weight", wrapper.weight.detach().clone())
         self.bias = None if wrapper.bias is None else nn.Parameter(wrapper.bias.detach().clone(), requires_grad=False)
@@ -121,12 +152,13 @@ def _layer_fn(m: QuantModule):
     raise TypeError(f"no Q/DQ export for {type(m).__name__}")
 
 
-def to_qdq(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every quantized wrapper replaced by its Q/DQ form (eval mode)."""
+def to_qdq(model: nn.Module, signed: bool = False) -> nn.Module:
+    """A copy of ``model`` with every quantized wrapper replaced by its Q/DQ form (eval mode); ``signed``: the
+    LiteRT flavour (see the module docstring)."""
     out = copy.deepcopy(model).eval()
     for name, m in list(out.named_modules()):
         if isinstance(m, QuantModule):
             parent_name, _, child = name.rpartition(".")
             parent = out.get_submodule(parent_name) if parent_name else out
-            setattr(parent, child, QDQLayer(m))
+            setattr(parent, child, QDQLayer(m, signed))
     return out

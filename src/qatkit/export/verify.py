@@ -7,6 +7,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,30 +69,43 @@ def file_size(path: str | Path) -> int:
     return os.path.getsize(path)
 
 
+def time_calls(calls: dict[str, Callable[[], object]], seconds: float = 0.5, rounds: int = 5) -> dict[str, float]:
+    """Median milliseconds per call of each callable, measured interleaved.
+
+    The callables take turns in ``rounds`` rounds of about ``seconds / rounds`` each, so machine noise hits all
+    of them alike; the median over rounds is reported.
+    """
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for fn in calls.values():
+        for _ in range(3):
+            fn()
+    for _ in range(rounds):
+        for k, fn in calls.items():
+            n, t0 = 0, time.perf_counter()
+            while True:
+                fn()
+                n += 1
+                el = time.perf_counter() - t0
+                if el >= seconds / rounds and n >= 3:
+                    break
+            times[k].append(1000.0 * el / n)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def batch_of(sample: np.ndarray, b: int) -> np.ndarray:
+    """``b`` rows made by repeating ``sample`` (float32)."""
+    reps = int(np.ceil(b / len(sample)))
+    return np.concatenate([sample] * reps)[:b].astype(np.float32)
+
+
 def latencies(
     sessions: dict[str, object], sample: np.ndarray, batches: list[int], seconds: float = 0.5, rounds: int = 5
 ) -> dict[str, dict[int, float]]:
-    """Median milliseconds per call for each session and batch size, measured interleaved.
-
-    Sessions take turns in ``rounds`` rounds of about ``seconds / rounds`` each, so machine noise hits all
-    of them alike; the median over rounds is reported.
-    """
-    out: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in sessions}
+    """Median milliseconds per call for each ORT session and batch size (see :func:`time_calls`)."""
+    out: dict[str, dict[int, float]] = {k: {} for k in sessions}
     for b in batches:
-        reps = int(np.ceil(b / len(sample)))
-        x = np.concatenate([sample] * reps)[:b].astype(np.float32)
-        feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-        for k, s in sessions.items():
-            for _ in range(3):
-                s.run(None, feeds[k])
-        for _ in range(rounds):
-            for k, s in sessions.items():
-                n, t0 = 0, time.perf_counter()
-                while True:
-                    s.run(None, feeds[k])
-                    n += 1
-                    el = time.perf_counter() - t0
-                    if el >= seconds / rounds and n >= 3:
-                        break
-                out[k][b].append(1000.0 * el / n)
-    return {k: {b: statistics.median(v) for b, v in d.items()} for k, d in out.items()}
+        x = batch_of(sample, b)
+        calls = {k: (lambda s=s, x=x: s.run(None, {s.get_inputs()[0].name: x})) for k, s in sessions.items()}
+        for k, ms in time_calls(calls, seconds, rounds).items():
+            out[k][b] = ms
+    return out

@@ -1,0 +1,89 @@
+"""``qatkit export RUN_DIR``: write and verify exported files for a finished run, from its checkpoints.
+
+The run's report.json gives the recipe; every stage checkpoint (fp32, each variant's ptq and qat) is loaded into
+a model built and prepared as in the run, evaluated again on the test split (the reference for agreement), and
+exported in the asked formats. Rows of those formats in the report are replaced; the rest are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from .checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata
+from .data import load_dataset
+from .exports import Source, verify_artifacts, write_artifacts
+from .fold import fold_batchnorm
+from .models import build_model
+from .prepare import prepare
+from .recipe import FORMATS, Recipe, parse_recipe
+from .report import Report
+from .train import make_loader, predict
+
+
+def _load(model: torch.nn.Module, path: Path, stage: str) -> torch.nn.Module:
+    state = load_weights(path, expect={"stage": stage})
+    check_state_fits(path, model.state_dict(), state)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def run_sources(run_dir: Path, recipe, data) -> list[Source]:
+    """The run's models, rebuilt from their checkpoints, with their test logits."""
+    nc = data.num_classes
+    test = make_loader(data.test, 512, False)
+    fp32_path = run_dir / "fp32.safetensors"
+    if not fp32_path.is_file():
+        raise CheckpointError(f"{run_dir}: no fp32.safetensors (not a qatkit run folder, or the run did not finish)")
+    folded = bool(read_metadata(fp32_path).get("folded"))
+
+    def new_model() -> torch.nn.Module:
+        m = build_model(recipe.model.name, data.input_shape, nc, **recipe.model.args)
+        if folded:
+            fold_batchnorm(m)
+        return m
+
+    sources = [Source("fp32", "fp32", _load(new_model(), fp32_path, "fp32"), None)]
+    for v in recipe.variants:
+        for stage in ("ptq", "qat"):
+            path = run_dir / f"{v.name}_{stage}.safetensors"
+            if path.is_file():
+                model = new_model()
+                prepare(model, v.quant)
+                sources.append(Source(v.name, stage, _load(model, path, f"{v.name}/{stage}"), None))
+    for s in sources:
+        s.logits, _ = predict(s.model, test)
+    return sources
+
+
+def export_run(
+    run_dir: str | Path, formats: list[str] | None = None, console: Console | None = None
+) -> tuple[Report, Recipe]:
+    """Export a finished run's models in ``formats`` (default: the recipe's), verify them, update its report.
+    Returns the report and the recipe (with the formats used)."""
+    run_dir = Path(run_dir)
+    console = console or Console()
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no report.json (not a finished qatkit run)")
+    saved = json.loads(report_path.read_text())
+    recipe = parse_recipe(saved["recipe"], str(report_path))
+    if formats:
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown export format {unknown[0]!r} (allowed: {', '.join(FORMATS)})")
+        recipe.export.formats = list(dict.fromkeys(formats))
+    data = load_dataset(recipe.data.name, recipe.data.val_fraction, recipe.seed)
+    sources = run_sources(run_dir, recipe, data)
+    report = Report.from_dict(saved)
+    report.rows = [r for r in report.rows if r.runtime == "pytorch" or r.format not in recipe.export.formats]
+    x = data.test.tensors[0]
+    arts = write_artifacts(sources, recipe.export, run_dir, x, console)
+    verify_artifacts(arts, x.numpy(), data.test.tensors[1], data.num_classes, recipe.export, report)
+    report.write(run_dir)
+    console.print(report.rich_table())
+    console.print(f"report: {run_dir / 'report.md'}")
+    return report, recipe
