@@ -74,6 +74,9 @@ def _convert_int8(lt, model: nn.Module, example: torch.Tensor, path: Path, io: s
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
 
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule) and m.weight_quant is not None and not m.weight_quant.spec.symmetric:
+            raise ValueError(f"LiteRT int8 needs symmetric weight quantization; layer {name!r} is asymmetric")
     qdq = to_qdq(model, signed=True)
     if io == "int8":
         _check_int8_io(qdq, example)
