@@ -178,3 +178,26 @@ def test_missing_extra_is_named(monkeypatch, tmp_path):
         export_tflite(model, torch.zeros(1, 1, 8, 8), tmp_path / "a.tflite")
     with pytest.raises(ImportError, match=r'pip install "qatkit\[coreml\]"'):
         export_coreml(model, torch.zeros(1, 1, 8, 8), tmp_path / "a.mlpackage")
+    # a run asking for the format is refused before any training
+    from qatkit.exports import check_extras
+    from qatkit.recipe import ExportConfig
+
+    check_extras(ExportConfig(formats=["onnx", "packed"]))
+    with pytest.raises(ImportError, match=r"TFLite export .*qatkit\[tflite\]"):
+        check_extras(ExportConfig(formats=["onnx", "tflite"]))
+
+
+def test_coreml_int8_transformer_with_float_attention(tmp_path):
+    """Seed 000's layout (only FFN layers quantized) converts too (through torch.export: the TorchScript
+    frontend cannot convert nn.MultiheadAttention here)."""
+    from qatkit.models import build_model
+
+    data = load_basic_motions(0.0, 0)
+    torch.manual_seed(0)
+    model = build_model("transformer", data.input_shape, 4, dim=16, heads=2, ffn=32, layers=1).eval()
+    prepare(model, "ffn-only")
+    calibrate(model, make_loader(data.train, 8, True), 2)
+    info = inspect_mlpackage(export_coreml(model.eval(), data.test.tensors[0][:1], tmp_path / "t.mlpackage", "int8"))
+    check = match_weights(info, model, "int8")
+    assert info["ops"]["constexpr_blockwise_shift_scale"] == check["layers"] == check["expected"] == 2
+    assert check["max_rel_diff"] < 2e-3

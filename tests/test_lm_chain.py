@@ -1,6 +1,7 @@
 """Causal-LM LUT workflow on tiny Llama / Qwen3 models: rules, packing round trip, resume, and the CLI chain
 kd-cache -> lm-train -> lm-convert -> snap -> generate -> plot-loss, as a user runs it."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -149,6 +150,10 @@ def test_cli_chain_kd_cache_train_convert_snap_generate_plot(tiny_lm_dir, tmp_pa
     r = qatkit("generate", run / "packed", "--prompt", "the license", "--max-tokens", 5, "--temperature", 0)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip()
+    if importlib.util.find_spec("coremltools") is not None:  # the coreml extra (installed in CI)
+        r = qatkit("lm-export", run / "packed", "--out", run / "lm.mlpackage", "--seq-len", 8)
+        assert r.returncode == 0, r.stderr
+        assert "14 palettized weights, tables equal to the trained ones" in " ".join(r.stdout.split())
     r = qatkit("plot-loss", run / "v2")
     assert r.returncode == 0, r.stderr
     assert (run / "v2" / "loss.png").read_bytes()[:4] == b"\x89PNG"

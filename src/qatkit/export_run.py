@@ -15,7 +15,7 @@ from rich.console import Console
 
 from .checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata
 from .data import load_dataset
-from .exports import Source, verify_artifacts, write_artifacts
+from .exports import Source, check_extras, verify_artifacts, write_artifacts
 from .fold import fold_batchnorm
 from .models import build_model
 from .prepare import prepare
@@ -70,12 +70,16 @@ def export_run(
     if not report_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no report.json (not a finished qatkit run)")
     saved = json.loads(report_path.read_text())
+    export = saved["recipe"].get("export", {})
+    if "onnx" in export:  # reports written before export.formats existed had export.onnx: bool
+        export["formats"] = ["onnx"] if export.pop("onnx") else []
     recipe = parse_recipe(saved["recipe"], str(report_path))
     if formats:
         unknown = [f for f in formats if f not in FORMATS]
         if unknown:
             raise ValueError(f"unknown export format {unknown[0]!r} (allowed: {', '.join(FORMATS)})")
         recipe.export.formats = list(dict.fromkeys(formats))
+    check_extras(recipe.export)
     data = load_dataset(recipe.data.name, recipe.data.val_fraction, recipe.seed)
     sources = run_sources(run_dir, recipe, data)
     report = Report.from_dict(saved)

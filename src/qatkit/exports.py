@@ -74,7 +74,10 @@ class Exporter:
     def runner(self, art: Artifact, cfg: ExportConfig) -> Callable[[np.ndarray], np.ndarray] | None:
         return None
 
-    def timer(self, art: Artifact, batch: int, sample: np.ndarray, cfg: ExportConfig) -> Callable[[], object] | None:
+    def timer(
+        self, art: Artifact, batch: int, sample: np.ndarray, cfg: ExportConfig, workdir: Path
+    ) -> Callable[[], object] | None:
+        """A no-argument call that runs the file once at ``batch`` (None: not timed here)."""
         return None
 
     def details(self, art: Artifact) -> dict:
@@ -96,7 +99,7 @@ class OnnxExporter(Exporter):
         sess = verify.session(art.path, threads=cfg.latency_threads)
         return lambda x: verify.run(sess, x)
 
-    def timer(self, art, batch, sample, cfg):
+    def timer(self, art, batch, sample, cfg, workdir):
         sess = verify.session(art.path, threads=cfg.latency_threads)
         x = {sess.get_inputs()[0].name: verify.batch_of(sample, batch)}
         return lambda: sess.run(None, x)
@@ -121,13 +124,13 @@ class TFLiteExporter(Exporter):
 
         return TFLiteRunner(art.path, cfg.latency_threads).run
 
-    def timer(self, art, batch, sample, cfg):
+    def timer(self, art, batch, sample, cfg, workdir):
         """Files are written at batch 1; other batch sizes are timed on a copy converted at that batch."""
         from .export.tflite import TFLiteRunner, export_tflite
 
         path = art.path
         if batch != 1:
-            path = Path(tempfile.mkdtemp()) / art.path.name
+            path = workdir / f"b{batch}_{art.path.name}"
             example = torch.from_numpy(verify.batch_of(sample, batch))
             export_tflite(art.source.model, example, path, art.precision, "float")
         runner = TFLiteRunner(path, cfg.latency_threads)
@@ -193,6 +196,18 @@ EXPORTERS: dict[str, Exporter] = {
 }
 
 
+def check_extras(cfg: ExportConfig) -> None:
+    """Refuse, before any training, formats whose optional extra is not installed."""
+    from .extras import check_installed
+
+    for fmt, what in (
+        ("tflite", "TFLite export (export.formats: tflite)"),
+        ("coreml", "Core ML export (export.formats: coreml)"),
+    ):
+        if fmt in cfg.formats:
+            check_installed(fmt, what)
+
+
 def write_artifacts(
     sources: list[Source], cfg: ExportConfig, out: Path, example: torch.Tensor, console=None
 ) -> list[Artifact]:
@@ -238,15 +253,16 @@ def verify_artifacts(
             row.agreement = agreement(logits.numpy(), art.source.logits.numpy())
         src_acc = classification_metrics(art.source.logits, y, num_classes)["accuracy"]
         row.parity = _parity(row, art, src_acc, cfg)
-    for b in cfg.latency_batches:
-        calls = {}
-        for i, art in enumerate(arts):
-            if not art.error:
-                t = EXPORTERS[art.format].timer(art, b, x[:64], cfg)
-                if t is not None:
-                    calls[i] = t
-        for i, ms in verify.time_calls(calls, cfg.latency_seconds).items():
-            rows[i].latency_ms[str(b)] = ms
+    with tempfile.TemporaryDirectory() as workdir:
+        for b in cfg.latency_batches:
+            calls = {}
+            for i, art in enumerate(arts):
+                if not art.error:
+                    t = EXPORTERS[art.format].timer(art, b, x[:64], cfg, Path(workdir))
+                    if t is not None:
+                        calls[i] = t
+            for i, ms in verify.time_calls(calls, cfg.latency_seconds).items():
+                rows[i].latency_ms[str(b)] = ms
     for row in rows.values():
         report.add(row)
     return list(rows.values())
@@ -289,4 +305,3 @@ def check_parity(report: Report, allowed: bool, console) -> None:
     if not allowed:
         raise ParityError(msg + " (set export.allow_parity_failure: true to accept)")
     console.print(f"[yellow]warning:[/] {msg} (allowed by the recipe)", highlight=False, soft_wrap=True)
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 
@@ -12,3 +13,16 @@ def require(module: str, extra: str, what: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(f'{what} needs the optional extra: pip install "qatkit[{extra}]" ({e})') from None
+
+
+EXTRA_MODULES = {
+    "tflite": ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
+    "coreml": ("coremltools",),
+}
+
+
+def check_installed(extra: str, what: str) -> None:
+    """Fail early (before any training) if a module of ``qatkit[extra]`` is missing, without importing it."""
+    for module in EXTRA_MODULES[extra]:
+        if importlib.util.find_spec(module) is None:
+            raise ImportError(f'{what} needs the optional extra: pip install "qatkit[{extra}]" (no module {module!r})')

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from .checkpoint import read_metadata, save_weights
 from .data import load_dataset
-from .exports import Source, check_parity, verify_artifacts, write_artifacts
+from .exports import Source, check_extras, check_parity, verify_artifacts, write_artifacts
 from .fold import fold_batchnorm
 from .models import build_model
 from .prepare import prepare, quant_status
@@ -42,6 +42,7 @@ def run(
     its last checkpoint; a checkpoint path continues that checkpoint's stage. Under torchrun every rank
     trains; only rank 0 writes files, exports and verifies.
     """
+    check_extras(recipe.export)
     info = init_from_env()
     console = console or Console()
     console.quiet = console.quiet or not info.main

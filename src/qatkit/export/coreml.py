@@ -122,13 +122,14 @@ def for_coreml(model: nn.Module, precision: str) -> nn.Module:
 
 
 def export_coreml(
-    model: nn.Module, example: torch.Tensor, path: str | Path, precision: str = "fp16", method: str = "trace"
+    model: nn.Module, example: torch.Tensor, path: str | Path, precision: str = "fp16", method: str = "auto"
 ) -> Path:
     """Write ``model`` as an ML Program ``.mlpackage`` (FP16 compute, iOS 18 ops) for inputs shaped like
     ``example`` (float features, or int token ids for a causal LM wrapper).
 
-    ``method``: "trace" (TorchScript, coremltools' most tested frontend) or "export" (``torch.export``; Hugging
-    Face causal LMs need it, their mask code uses ops the TorchScript frontend lacks).
+    ``method``: "trace" (TorchScript, coremltools' most tested frontend), "export" (``torch.export``; Hugging
+    Face causal LMs and ``nn.MultiheadAttention`` need it: the TorchScript frontend lacks ops they use, while
+    the export frontend refuses some reshapes the tracer handles), or "auto": trace, then export if that fails.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"Core ML precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -137,8 +138,25 @@ def export_coreml(
     m = for_coreml(model, precision)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if method not in ("trace", "export"):
-        raise ValueError(f"Core ML conversion method {method!r} is not one of trace, export")
+    if method not in ("auto", "trace", "export"):
+        raise ValueError(f"Core ML conversion method {method!r} is not one of auto, trace, export")
+    if method == "auto":
+        try:
+            ml = _convert(ct, m, example, "trace")
+        except Exception as first:  # coremltools raises many types for unsupported graphs
+            try:
+                ml = _convert(ct, m, example, "export")
+            except Exception as second:
+                raise RuntimeError(
+                    f"Core ML conversion failed: trace: {_line(first)}; export: {_line(second)}"
+                ) from None
+    else:
+        ml = _convert(ct, m, example, method)
+    ml.save(str(path))
+    return path
+
+
+def _convert(ct, m: nn.Module, example: torch.Tensor, method: str):
     with quiet("coremltools"), torch.no_grad():
         if method == "trace":
             dtype = np.float32 if example.is_floating_point() else np.int32
@@ -146,7 +164,7 @@ def export_coreml(
             inputs = [ct.TensorType(name="input", shape=tuple(example.shape), dtype=dtype)]
         else:
             program, inputs = _exported(m, example), None
-        ml = ct.convert(
+        return ct.convert(
             program,
             inputs=inputs,
             outputs=[ct.TensorType(name="logits")],
@@ -154,8 +172,10 @@ def export_coreml(
             compute_precision=ct.precision.FLOAT16,
             minimum_deployment_target=ct.target.iOS18,
         )
-    ml.save(str(path))
-    return path
+
+
+def _line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _exported(model: nn.Module, example: torch.Tensor):
