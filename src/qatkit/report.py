@@ -108,7 +108,11 @@ class Report:
     def from_dict(cls, d: dict) -> Report:
         """A report read back from report.json (unknown row keys from older versions are dropped)."""
         known = set(Row.__dataclass_fields__)
-        rows = [Row(**{k: v for k, v in r.items() if k in known}) for r in d["rows"]]
+        rows = []
+        for r in d["rows"]:
+            if "format" not in r and r["runtime"] == "onnxruntime":  # reports from before the export formats
+                r = dict(r, format="onnx", precision="fp32" if r["variant"] == "fp32" else "int8")
+            rows.append(Row(**{k: v for k, v in r.items() if k in known}))
         return cls(d["recipe"], d["data"], d["class_names"], rows, d.get("layers", {}), d.get("warm_start", {}),
                    d.get("training", {}), d.get("seconds", 0.0))  # fmt: skip
 
