@@ -36,7 +36,7 @@ def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
     assert {k[:2] for k in rows if k[2] == "pytorch"} == set(sources)
     assert {k[3] for k in rows if k[2] == "tflite"} == {"fp32", "dynamic_int8", "int8"}  # the default precisions
     for fmt, float_prec, quant_prec in [("onnx", "fp32", "int8"), ("tflite", "fp32", "int8"),
-                                        ("coreml", "fp16", "int8"), ("packed", None, "packed")]:  # fmt: skip
+                                        ("coreml", "fp16", "int8"), ("packed", None, "packed-int4")]:  # fmt: skip
         expected = [("fp32", "fp32", float_prec)] if float_prec else []
         expected += [("w4a8", s, quant_prec) for s in ("ptq", "qat")]
         for v, s, p in expected:
@@ -54,6 +54,17 @@ def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
     md = (out / "report.md").read_text()
     assert "| w4a8 qat | litert | tflite | int8 |" in md and "## Layers: w4a8" in md and "not run" in md
     assert report["warm_start"]["w4a8"]["mismatched"] == []
+
+    # the packed file alone rebuilds the QAT model: same test accuracy as the run's PyTorch row
+    from qatkit.data import load_dataset
+    from qatkit.export.packed import load_packed_model
+    from qatkit.train import classification_metrics, make_loader, predict
+
+    data = load_dataset("digits", 0.15, 0)
+    model = load_packed_model(out / rows["w4a8", "qat", "packed", "packed-int4"]["file"])
+    logits, targets = predict(model, make_loader(data.test, 512, False))
+    qat_acc = rows["w4a8", "qat", "pytorch", None]["metrics"]["accuracy"]
+    assert classification_metrics(logits, targets, 10)["accuracy"] == qat_acc
 
     # re-export one format from the checkpoints: its rows are replaced, the others kept
     before = (out / "packed" / "w4a8_qat.packed.safetensors").stat().st_mtime_ns

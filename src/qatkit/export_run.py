@@ -15,6 +15,7 @@ from rich.console import Console
 
 from .checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata
 from .data import load_dataset
+from .export.packed import build_info
 from .exports import Source, check_extras, verify_artifacts, write_artifacts
 from .fold import fold_batchnorm
 from .models import build_model
@@ -53,7 +54,8 @@ def run_sources(run_dir: Path, recipe, data) -> list[Source]:
             if path.is_file():
                 model = new_model()
                 prepare(model, v.quant)
-                sources.append(Source(v.name, stage, _load(model, path, f"{v.name}/{stage}"), None))
+                build = build_info(recipe.model.name, recipe.model.args, data.input_shape, nc, folded, v.quant)
+                sources.append(Source(v.name, stage, _load(model, path, f"{v.name}/{stage}"), None, build))
     for s in sources:
         s.logits, _ = predict(s.model, test)
     return sources

@@ -23,8 +23,8 @@ from .recipe import ExportConfig
 from .report import Report, Row
 from .train import agreement, classification_metrics
 
-INTEGER_PRECISIONS = {"int8", "dynamic_int8", "packed"}
-"""Precisions held to the agreement threshold (float files are held to the accuracy threshold only)."""
+INTEGER_PRECISIONS = {"int8", "dynamic_int8"}
+"""Precisions held to the agreement threshold, with every packed file (float files: the accuracy threshold only)."""
 
 
 class ParityError(RuntimeError):
@@ -39,6 +39,8 @@ class Source:
     stage: str
     model: nn.Module
     logits: torch.Tensor
+    build: dict | None = None
+    """How to rebuild the model (see export.packed.load_packed_model), stored in packed files."""
 
     @property
     def quantized(self) -> bool:
@@ -172,17 +174,30 @@ class PackedExporter(Exporter):
     format, runtime, suffix = "packed", "pytorch (packed)", ".packed.safetensors"
 
     def precisions(self, src, cfg):
-        return ["packed"] if src.quantized else []
+        """One file, labelled by the weight grids it packs: "packed-int2", or "packed-int2..8" when mixed."""
+        from .nn.modules import QuantModule
+
+        if not src.quantized:
+            return []
+        bits = sorted({m.weight_quant.spec.bits for m in src.model.modules()
+                       if isinstance(m, QuantModule) and m.weight_quant is not None})  # fmt: skip
+        if not bits:
+            return []
+        return [f"packed-int{bits[0]}" if len(bits) == 1 else f"packed-int{bits[0]}..{bits[-1]}"]
 
     def write(self, src, precision, path, example, cfg):
         from .export.packed import save_packed
 
-        save_packed(src.model, path, {"source": src.stem})
+        save_packed(src.model, path, {"source": src.stem, **(src.build or {})})
 
     def runner(self, art, cfg):
-        from .export.packed import apply_packed
+        """The file loaded back on its own when it says how to build the model, else into a copy of the source."""
+        from .export.packed import apply_packed, load_packed_model
 
-        model = apply_packed(copy.deepcopy(art.source.model), art.path)
+        if art.source.build:
+            model = load_packed_model(art.path)
+        else:
+            model = apply_packed(copy.deepcopy(art.source.model), art.path)
 
         def run(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
@@ -218,7 +233,7 @@ def write_artifacts(
         ex = EXPORTERS[fmt]
         for src in sources:
             for p in ex.precisions(src, cfg):
-                name = src.stem if p in ("fp32", "int8", "packed") else f"{src.stem}_{p}"
+                name = src.stem if p in ("fp32", "int8") or fmt == "packed" else f"{src.stem}_{p}"
                 path = out / fmt / f"{name}{ex.suffix}"
                 art = Artifact(src, fmt, p, path)
                 try:
@@ -277,7 +292,8 @@ def _parity(row: Row, art: Artifact, source_accuracy: float, cfg: ExportConfig) 
             problems.append(f"stored weights differ from the source ({w})")
         return f"failed: {'; '.join(problems)}" if problems else "structure ok (not run)"
     drop = source_accuracy - row.metrics["accuracy"]
-    if art.precision in INTEGER_PRECISIONS and row.agreement < cfg.min_agreement:
+    integer = art.precision in INTEGER_PRECISIONS or art.format == "packed"
+    if integer and row.agreement < cfg.min_agreement:
         problems.append(f"top-1 agreement {100 * row.agreement:.2f}% < {100 * cfg.min_agreement:.0f}%")
     if drop > cfg.max_accuracy_drop:
         problems.append(f"accuracy {100 * drop:.2f} points below the source (limit {100 * cfg.max_accuracy_drop:.0f})")

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from .checkpoint import read_metadata, save_weights
 from .data import load_dataset
+from .export.packed import build_info
 from .exports import Source, check_extras, check_parity, verify_artifacts, write_artifacts
 from .fold import fold_batchnorm
 from .models import build_model
@@ -71,14 +72,19 @@ def run(
         barrier()
         return path
 
-    def record(model: torch.nn.Module, variant: str, stage: str, size_bytes: int | None = None) -> None:
+    def record(
+        model: torch.nn.Module, variant: str, stage: str, size_bytes: int | None = None, v: Variant | None = None
+    ) -> None:
         """Evaluate on the test split, add the PyTorch row, and keep the model as a source of exported files."""
         logits, targets = predict(model, test_loader)
         metrics = classification_metrics(logits, targets, nc)
         status = None if variant == "fp32" else quant_status(model)
         report.add(Row(variant, stage, "pytorch", metrics, size_bytes=size_bytes, status=status))
         console.print(f"{stage.upper()} test accuracy {metrics['accuracy']:.4f}, NLL {metrics['loss']:.4f}")
-        sources.append(Source(variant, stage, model, logits))
+        build = None
+        if v is not None:
+            build = build_info(recipe.model.name, recipe.model.args, data.input_shape, nc, bool(folded), v.quant)
+        sources.append(Source(variant, stage, model, logits, build))
 
     def summarize(prefix: str) -> None:
         for name, summary in stages.summaries.items():
@@ -113,7 +119,7 @@ def run(
         report.layers[v.name] = layers.to_dict()
         calibrate(ptq_model, make_loader(data.train, bs, True, recipe.seed), v.ptq.calib_batches)
         pckpt = save(f"{v.name}_ptq.safetensors", ptq_model, {"stage": f"{v.name}/ptq"})
-        record(ptq_model, v.name, "ptq", pckpt.stat().st_size)
+        record(ptq_model, v.name, "ptq", pckpt.stat().st_size, v)
         if v.qat is None:
             continue
         qat_model, ws = _warm_started(new_model, bool(folded), v, ckpt)
@@ -127,7 +133,7 @@ def run(
         stages.train(qat_model, v.qat, f"{v.name}_qat", recipe.seed + 1000 * (vi + 1))
         summarize(f"{v.name}_qat")
         qckpt = save(f"{v.name}_qat.safetensors", qat_model, {"stage": f"{v.name}/qat"})
-        record(qat_model, v.name, "qat", qckpt.stat().st_size)
+        record(qat_model, v.name, "qat", qckpt.stat().st_size, v)
 
     # ---- write every exported file, run each in its runtime ------------------------------------
     if recipe.export.formats and info.main:

@@ -87,3 +87,32 @@ def apply_packed(model: nn.Module, path: str | Path) -> nn.Module:
     for m in _quantized(model).values():
         m.weight_quant.set_observer(False)  # the stored scales are final: do not re-derive them from the weights
     return model.eval()
+
+
+BUILD_KEYS = ("model", "model_args", "input_shape", "num_classes", "folded", "quant")
+
+
+def build_info(model_name: str, model_args: dict, input_shape, num_classes: int, folded: bool, quant) -> dict:
+    """What :func:`load_packed_model` needs to rebuild a bundled-architecture model (stored in the file)."""
+    quant = quant.model_dump(mode="json") if hasattr(quant, "model_dump") else quant
+    return dict(
+        zip(BUILD_KEYS, (model_name, dict(model_args), list(input_shape), num_classes, folded, quant), strict=True)
+    )
+
+
+def load_packed_model(path: str | Path) -> nn.Module:
+    """A ready-to-run model from a packed file alone: built, BatchNorm folded and prepared as the source was."""
+    from ..fold import fold_batchnorm
+    from ..models import build_model
+    from ..prepare import prepare
+
+    meta = read_metadata(path)
+    missing = [k for k in BUILD_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: packed file has no model description ({', '.join(missing)}); "
+                              "build the model yourself and use apply_packed")  # fmt: skip
+    model = build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"], **meta["model_args"])
+    if meta["folded"]:
+        fold_batchnorm(model)
+    prepare(model, meta["quant"])
+    return apply_packed(model, path)
