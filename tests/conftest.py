@@ -10,6 +10,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub: e
 from qatkit.models import MLP, TinyTransformer
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same RNG state, whatever was imported or run before it (optional exporters
+    consume random numbers at import)."""
+    torch.manual_seed(1234)
+
+
 @pytest.fixture
 def tiny_transformer() -> TinyTransformer:
     torch.manual_seed(0)
