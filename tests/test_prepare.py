@@ -134,3 +134,48 @@ def test_learnable_scale_trains_without_calibration_and_skips_weight_decay(tiny_
     assert not torch.equal(init, fq.scale.detach())  # the learned scale moved and was not re-observed
     groups = opt.param_groups
     assert groups[1]["weight_decay"] == 0.0 and any(p is fq.scale for p in groups[1]["params"])
+
+
+def test_outputs_where_needed_quantizes_outputs_that_feed_float(tmp_path):
+    """Layers feeding pooling or the model output get an output quantizer; layers feeding (through ReLU) another
+    quantized layer do not; every layer then runs as an ONNX Runtime integer kernel."""
+    from qatkit import calibrate
+    from qatkit.data import load_basic_motions
+    from qatkit.export import verify
+    from qatkit.export.onnx import export_onnx
+    from qatkit.fold import fold_batchnorm
+    from qatkit.models import CNN1d
+    from qatkit.train import make_loader
+
+    data = load_basic_motions(0.0, 0)
+    model = CNN1d(data.input_shape, 4).eval()
+    fold_batchnorm(model)  # (unfolded, a BatchNorm after each conv would be a float consumer)
+    report = prepare(model, {"preset": "int8", "outputs": "where_needed"})
+    outputs = {r.name: r.output for r in report.rows if r.quantized}
+    assert outputs == {"features.0": "float", "features.3": "uint8 tensor", "head": "uint8 tensor"}
+    assert "where_needed" in next(r.rule for r in report.rows if r.name == "head")
+    calibrate(model, make_loader(data.train, 8, True), 2)
+    fused = verify.fused_int8_ops(export_onnx(model, data.test.tensors[0][:2], tmp_path / "m.onnx"))
+    assert fused == {"QLinearConv": 2, "QGemm": 1}
+
+
+def test_outputs_where_needed_keeps_explicit_outputs_and_needs_a_traceable_model():
+    from torch import nn
+
+    from qatkit.models import MLP
+
+    model = MLP((1, 8, 8), 10, hidden=[16])
+    report = prepare(model, {"preset": "int8", "outputs": "where_needed",
+                             "rules": [{"match": "net.3", "activation": {}, "output": {"bits": 6}}]})  # fmt: skip
+    assert {r.name: r.output for r in report.rows} == {"net.1": "float", "net.3": "uint6 tensor"}
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else x  # data-dependent control flow: fx cannot trace it
+
+    with pytest.raises(RecipeError, match="torch.fx can trace"):
+        prepare(Branchy(), {"preset": "int8", "outputs": "where_needed"})

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .graph import outputs_feeding_float
 from .nn.fake_quantizer import FakeQuantizer, num_scales
 from .nn.modules import QUANT_MODULES, REPORTED_TYPES, QuantModule
-from .recipe import QuantRecipe, RecipeError, Rule, parse_quant
+from .recipe import ActivationQuant, QuantRecipe, RecipeError, Rule, parse_quant
 
 
 @dataclass
@@ -160,6 +161,8 @@ def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerRepor
             report.rows.append(LayerRow(name, type(m).__name__, True, label, w, a, params, o))
         else:
             report.rows.append(LayerRow(name, type(m).__name__, False, f"{label} (kept float)", params=params))
+    if recipe.outputs == "where_needed":
+        _add_needed_outputs(model, decided, report)
     for i, (label, rule) in enumerate(rules):
         if matched[i] == 0:
             names = [r.name for r in report.rows]
@@ -168,6 +171,16 @@ def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerRepor
         if won[i] == 0 and not label.startswith("preset"):
             raise RecipeError(f"{label} ({rule.describe()}) only matches layers already taken by earlier rules")
     return report, decided
+
+
+def _add_needed_outputs(model: nn.Module, decided: dict[str, Rule], report: LayerReport) -> None:
+    """``outputs: where_needed``: give an 8-bit output quantizer to decided layers whose output feeds float."""
+    rows = {r.name: r for r in report.rows}
+    for name in sorted(outputs_feeding_float(model, set(decided))):
+        if decided[name].output is None:
+            decided[name] = decided[name].model_copy(update={"output": ActivationQuant()})
+            rows[name].output = _describe(decided[name].output)
+            rows[name].rule += " + output (where_needed)"
 
 
 def prepare(model: nn.Module, recipe: QuantRecipe | dict | str) -> LayerReport:

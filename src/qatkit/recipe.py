@@ -111,6 +111,10 @@ class QuantRecipe(Strict):
 
     preset: str | None = None
     rules: list[Rule] = Field(default_factory=list)
+    outputs: Literal["rules", "where_needed"] = "rules"
+    """``rules``: outputs are quantized where a rule says ``output:``. ``where_needed``: also every quantized
+    layer whose output feeds anything but another quantized layer (pooling, residual add, the logits), with the
+    default 8-bit activation settings, so every quantized layer exports as an integer kernel (see graph.py)."""
 
     @field_validator("preset")
     @classmethod
