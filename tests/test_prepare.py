@@ -150,13 +150,23 @@ def test_outputs_where_needed_quantizes_outputs_that_feed_float(tmp_path):
     data = load_basic_motions(0.0, 0)
     model = CNN1d(data.input_shape, 4).eval()
     fold_batchnorm(model)  # (unfolded, a BatchNorm after each conv would be a float consumer)
+    x = data.test.tensors[0]
+    reference = model(x)
     report = prepare(model, {"preset": "int8", "outputs": "where_needed"})
     outputs = {r.name: r.output for r in report.rows if r.quantized}
-    assert outputs == {"features.0": "float", "features.3": "uint8 tensor", "head": "uint8 tensor"}
+    assert outputs == {"features.0": "float", "features.3": "uint8 tensor after ReLU", "head": "uint8 tensor"}
     assert "where_needed" in next(r.rule for r in report.rows if r.name == "head")
+    # the ReLU after the last conv now runs inside it, before the output quantizer: same function in float
+    assert report.fused_relus == {"features.3": "features.5"} and isinstance(model.features[5], torch.nn.Identity)
+    set_fake_quant(model, False)
+    assert torch.allclose(model(x), reference, atol=1e-6)
+    set_fake_quant(model, True)
     calibrate(model, make_loader(data.train, 8, True), 2)
-    fused = verify.fused_int8_ops(export_onnx(model, data.test.tensors[0][:2], tmp_path / "m.onnx"))
-    assert fused == {"QLinearConv": 2, "QGemm": 1}
+    path = export_onnx(model, data.test.tensors[0][:2], tmp_path / "m.onnx")
+    assert verify.fused_int8_ops(path) == {"QLinearConv": 2, "QGemm": 1}
+    assert "Relu" not in verify.optimized_op_counts(path)  # fused into the QLinearConv
+    unprepare(model)
+    assert isinstance(model.features[5], torch.nn.ReLU) and torch.allclose(model(x), reference, atol=1e-6)
 
 
 def test_outputs_where_needed_keeps_explicit_outputs_and_needs_a_traceable_model():

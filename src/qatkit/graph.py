@@ -24,10 +24,11 @@ FUSED_FUNCTIONS = {F.relu, torch.relu, F.dropout, operator.getitem}
 FUSED_METHODS = {"relu"}
 
 
-def outputs_feeding_float(model: nn.Module, layers: set[str]) -> set[str]:
-    """The names in ``layers`` whose output reaches something other than another layer of ``layers``."""
+def outputs_feeding_float(model: nn.Module, layers: set[str]) -> dict[str, str | None]:
+    """The names in ``layers`` whose output reaches something other than another layer of ``layers``, each with
+    the ReLU module that directly and only follows it (to quantize after, as integer kernels do), or None."""
     if not layers:
-        return set()
+        return {}
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -55,8 +56,23 @@ def outputs_feeding_float(model: nn.Module, layers: set[str]) -> set[str]:
                 return False
         return True
 
+    calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
+
+    def sole_relu(node: fx.Node) -> str | None:
+        """The nn.ReLU module that is this node's only consumer and is called nowhere else."""
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        name = str(users[0].target)
+        if isinstance(modules.get(name), (nn.Identity, nn.Dropout)):  # e.g. a folded BatchNorm in between
+            return sole_relu(users[0])
+        return name if isinstance(modules.get(name), nn.ReLU) and calls[name] == 1 else None
+
     return {
-        str(n.target)
+        str(n.target): sole_relu(n)
         for n in graph.nodes
         if n.op == "call_module" and n.target in layers and not only_quantized_consumers(n)
     }

@@ -33,6 +33,8 @@ class LayerReport:
     """Every Linear/Conv layer in the model with its fate, plus totals that prove quantization is on."""
 
     rows: list[LayerRow] = field(default_factory=list)
+    fused_relus: dict[str, str] = field(default_factory=dict)
+    """{layer: ReLU module} absorbed by ``outputs: where_needed`` (the output is quantized after the ReLU)."""
 
     @property
     def quantized(self) -> list[LayerRow]:
@@ -162,7 +164,7 @@ def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerRepor
         else:
             report.rows.append(LayerRow(name, type(m).__name__, False, f"{label} (kept float)", params=params))
     if recipe.outputs == "where_needed":
-        _add_needed_outputs(model, decided, report)
+        report.fused_relus = _add_needed_outputs(model, decided, report)
     for i, (label, rule) in enumerate(rules):
         if matched[i] == 0:
             names = [r.name for r in report.rows]
@@ -173,14 +175,20 @@ def plan(model: nn.Module, recipe: QuantRecipe | dict | str) -> tuple[LayerRepor
     return report, decided
 
 
-def _add_needed_outputs(model: nn.Module, decided: dict[str, Rule], report: LayerReport) -> None:
-    """``outputs: where_needed``: give an 8-bit output quantizer to decided layers whose output feeds float."""
+def _add_needed_outputs(model: nn.Module, decided: dict[str, Rule], report: LayerReport) -> dict[str, str]:
+    """``outputs: where_needed``: give an 8-bit output quantizer to decided layers whose output feeds float.
+
+    Returns the ReLU modules to absorb: {layer: relu module} where a ReLU alone follows such a layer."""
     rows = {r.name: r for r in report.rows}
-    for name in sorted(outputs_feeding_float(model, set(decided))):
+    relus = {}
+    for name, relu in sorted(outputs_feeding_float(model, set(decided)).items()):
         if decided[name].output is None:
             decided[name] = decided[name].model_copy(update={"output": ActivationQuant()})
-            rows[name].output = _describe(decided[name].output)
+            rows[name].output = _describe(decided[name].output) + (" after ReLU" if relu else "")
             rows[name].rule += " + output (where_needed)"
+            if relu:
+                relus[name] = relu
+    return relus
 
 
 def prepare(model: nn.Module, recipe: QuantRecipe | dict | str) -> LayerReport:
@@ -198,16 +206,24 @@ def prepare(model: nn.Module, recipe: QuantRecipe | dict | str) -> LayerReport:
         specs = (None if t is None else t.to_spec() for t in (rule.weight, rule.activation, rule.output))
         wrapper = QUANT_MODULES[type(float_mod)].from_float(float_mod, *specs)
         setattr(parent, child, wrapper)
+    for name, relu in report.fused_relus.items():  # the ReLU now runs inside the layer, before its output quantizer
+        _set_submodule(model, relu, nn.Identity())
+        model.get_submodule(name).fused_relu = relu
     return report
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def unprepare(model: nn.Module) -> nn.Module:
     """Put the float layers (with their current weights) back in place of every wrapper."""
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantModule) and name:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, m.to_float())
+            if m.fused_relu is not None:
+                _set_submodule(model, m.fused_relu, nn.ReLU())
+            _set_submodule(model, name, m.to_float())
     return model
 
 

@@ -67,7 +67,7 @@ def _plain_quantized(m: QuantModule) -> nn.Module:
     if bool((fq.zero_point != 0).any()):
         fields["zero_point"] = _blocked(fq.zero_point.detach().float(), w.shape, fq.ch_axis, fq.group_size)
     _register(plain, **fields)
-    return plain
+    return plain if m.fused_relu is None else nn.Sequential(plain, nn.ReLU())
 
 
 def _blocked(p: torch.Tensor, shape: torch.Size, ch_axis: int | None, group: int) -> torch.Tensor:

@@ -126,12 +126,15 @@ class QDQLayer(nn.Module):
             self.register_buffer("float_weight", wrapper.weight.detach().clone())
         self.bias = None if wrapper.bias is None else nn.Parameter(wrapper.bias.detach().clone(), requires_grad=False)
         self.op = _layer_fn(wrapper)
+        self.relu = wrapper.fused_relu is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_qdq is not None:
             x = self.input_qdq(x)
         w = self.weight_qdq() if hasattr(self, "weight_qdq") else self.float_weight
         y = self.op(x, w, self.bias)
+        if self.relu:  # Relu -> Q: ONNX Runtime and LiteRT fuse it into the integer kernel
+            y = F.relu(y)
         return self.output_qdq(y) if self.output_qdq is not None else y
 
 

@@ -24,12 +24,15 @@ class QuantModule:
 
     An output quantizer is for a layer whose output feeds no other quantized layer (a conv before pooling):
     it gives the exported graph the Q node that ONNX Runtime needs to run that layer as an int8 kernel.
+    ``fused_relu`` names a ReLU module that followed the layer and was absorbed into it (replaced by Identity),
+    so the output is quantized after the ReLU, as integer kernels compute it (None: no ReLU absorbed).
     """
 
     float_type: type[nn.Module]
     weight_quant: FakeQuantizer | None
     input_quant: FakeQuantizer | None
     output_quant: FakeQuantizer | None
+    fused_relu: str | None = None
 
     @classmethod
     def from_float(
@@ -63,6 +66,8 @@ class QuantModule:
         return self.input_quant(x) if self.input_quant is not None else x
 
     def quant_output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.fused_relu is not None:
+            y = F.relu(y)
         return self.output_quant(y) if self.output_quant is not None else y
 
     def quant_weight(self) -> torch.Tensor:
