@@ -201,3 +201,26 @@ def test_coreml_int8_transformer_with_float_attention(tmp_path):
     check = match_weights(info, model, "int8")
     assert info["ops"]["constexpr_blockwise_shift_scale"] == check["layers"] == check["expected"] == 2
     assert check["max_rel_diff"] < 2e-3
+
+
+def test_int8_io_is_checked_on_the_written_file_and_sequential_weights_match(tmp_path):
+    """A model whose output layer leaves its output float cannot give int8 outputs: refused after conversion,
+    whatever the registration order says; Core ML weights of a top-level nn.Sequential are matched too."""
+    from torch import nn
+
+    data = load_digits(0.15, 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    prepare(model, {"rules": [{"match": "3", "activation": {}, "output": {}}, {"match": "1", "activation": {}}]})
+    calibrate(model, make_loader(data.train, 64, True), 2)
+    x = data.test.tensors[0][:1]
+    export_tflite(model, x, tmp_path / "ok.tflite", "int8", io="int8")  # logits quantized: fine
+    float_head = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    prepare(float_head, {"rules": [{"match": "1", "activation": {}, "output": {}}]})  # the logits stay float
+    calibrate(float_head, make_loader(data.train, 64, True), 2)
+    with pytest.raises(ValueError, match="gave int8 inputs and float32 outputs"):
+        export_tflite(float_head, x, tmp_path / "bad.tflite", "int8", io="int8")
+    assert not (tmp_path / "bad.tflite").exists()
+    info = inspect_mlpackage(export_coreml(model, x, tmp_path / "s.mlpackage", "int8"))
+    check = match_weights(info, model, "int8")
+    assert check["layers"] == check["expected"] == 2

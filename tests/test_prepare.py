@@ -189,3 +189,30 @@ def test_outputs_where_needed_keeps_explicit_outputs_and_needs_a_traceable_model
 
     with pytest.raises(RecipeError, match="torch.fx can trace"):
         prepare(Branchy(), {"preset": "int8", "outputs": "where_needed"})
+
+
+def test_outputs_where_needed_edge_cases():
+    """A layer called twice absorbs no ReLU (that would change its other call); a layer feeding a weight-only
+    layer still gets its output quantized (nothing else would quantize it)."""
+    from torch import nn
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act, self.head = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.act(self.fc(self.fc(x))) + x)
+
+    torch.manual_seed(0)
+    model, x = Twice().eval(), torch.randn(8, 4)
+    reference = model(x)
+    report = prepare(model, {"preset": "int8", "outputs": "where_needed"})
+    assert report.fused_relus == {} and isinstance(model.act, nn.ReLU)
+    set_fake_quant(model, False)
+    assert torch.allclose(model(x), reference, atol=1e-6)
+
+    weight_only_head = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    report = prepare(weight_only_head, {"outputs": "where_needed", "rules": [
+        {"match": "0", "activation": {}}, {"match": "1", "activation": None}]})  # fmt: skip
+    assert {r.name: r.output for r in report.rows} == {"0": "uint8 tensor", "1": "uint8 tensor"}

@@ -32,8 +32,8 @@ def _load(model: torch.nn.Module, path: Path, stage: str) -> torch.nn.Module:
     return model.eval()
 
 
-def run_sources(run_dir: Path, recipe, data) -> list[Source]:
-    """The run's models, rebuilt from their checkpoints, with their test logits."""
+def run_sources(run_dir: Path, recipe, data, console: Console | None = None) -> list[Source]:
+    """The run's models, rebuilt from their checkpoints, with their test logits (missing stages are named)."""
     nc = data.num_classes
     test = make_loader(data.test, 512, False)
     fp32_path = run_dir / "fp32.safetensors"
@@ -51,11 +51,14 @@ def run_sources(run_dir: Path, recipe, data) -> list[Source]:
     for v in recipe.variants:
         for stage in ("ptq", "qat"):
             path = run_dir / f"{v.name}_{stage}.safetensors"
-            if path.is_file():
-                model = new_model()
-                prepare(model, v.quant)
-                build = build_info(recipe.model.name, recipe.model.args, data.input_shape, nc, folded, v.quant)
-                sources.append(Source(v.name, stage, _load(model, path, f"{v.name}/{stage}"), None, build))
+            if not path.is_file():
+                if console is not None and (stage == "ptq" or v.qat is not None):
+                    console.print(f"[yellow]warning:[/] no {path.name}: {v.name} {stage} is not exported")
+                continue
+            model = new_model()
+            prepare(model, v.quant)
+            build = build_info(recipe.model.name, recipe.model.args, data.input_shape, nc, folded, v.quant)
+            sources.append(Source(v.name, stage, _load(model, path, f"{v.name}/{stage}"), None, build))
     for s in sources:
         s.logits, _ = predict(s.model, test)
     return sources
@@ -83,7 +86,7 @@ def export_run(
         recipe.export.formats = list(dict.fromkeys(formats))
     check_extras(recipe.export)
     data = load_dataset(recipe.data.name, recipe.data.val_fraction, recipe.seed)
-    sources = run_sources(run_dir, recipe, data)
+    sources = run_sources(run_dir, recipe, data, console)
     report = Report.from_dict(saved)
     report.rows = [r for r in report.rows if r.runtime == "pytorch" or r.format not in recipe.export.formats]
     x = data.test.tensors[0]

@@ -134,7 +134,7 @@ class TFLiteExporter(Exporter):
         if batch != 1:
             path = workdir / f"b{batch}_{art.path.name}"
             example = torch.from_numpy(verify.batch_of(sample, batch))
-            export_tflite(art.source.model, example, path, art.precision, "float")
+            export_tflite(art.source.model, example, path, art.precision, cfg.tflite.io)
         runner = TFLiteRunner(path, cfg.latency_threads)
         x = verify.batch_of(sample, batch)
         return lambda: runner.run(x)
@@ -238,8 +238,8 @@ def write_artifacts(
                 art = Artifact(src, fmt, p, path)
                 try:
                     ex.write(src, p, path, example, cfg)
-                except (ValueError, RuntimeError, NotImplementedError, TypeError) as e:
-                    art.error = " ".join(str(e).split())[:300]
+                except Exception as e:  # any converter failure: recorded, the other files still go ahead
+                    art.error = _one_line(e)
                 if console is not None:
                     console.print(f"{fmt} {p} from {src.stem}: {art.error or path}", highlight=False)
                 arts.append(art)
@@ -260,12 +260,17 @@ def verify_artifacts(
             row.parity = f"failed: export error: {art.error}"
             continue
         row.size_bytes = verify.file_size(art.path) if art.path.is_file() else _folder_size(art.path)
-        row.details = ex.details(art) or None
-        run = ex.runner(art, cfg)
-        if run is not None:
-            logits = torch.from_numpy(run(x))
-            row.metrics = classification_metrics(logits, y, num_classes)
-            row.agreement = agreement(logits.numpy(), art.source.logits.numpy())
+        try:
+            row.details = ex.details(art) or None
+            run = ex.runner(art, cfg)
+            if run is not None:
+                logits = torch.from_numpy(run(x))
+                row.metrics = classification_metrics(logits, y, num_classes)
+                row.agreement = agreement(logits.numpy(), art.source.logits.numpy())
+        except Exception as e:  # a file its runtime cannot load or run fails parity; the others are still checked
+            art.error = _one_line(e)
+            row.parity = f"failed: cannot run: {art.error}"
+            continue
         src_acc = classification_metrics(art.source.logits, y, num_classes)["accuracy"]
         row.parity = _parity(row, art, src_acc, cfg)
     with tempfile.TemporaryDirectory() as workdir:
@@ -273,7 +278,11 @@ def verify_artifacts(
             calls = {}
             for i, art in enumerate(arts):
                 if not art.error:
-                    t = EXPORTERS[art.format].timer(art, b, x[:64], cfg, Path(workdir))
+                    try:
+                        t = EXPORTERS[art.format].timer(art, b, x[:64], cfg, Path(workdir))
+                    except Exception as e:  # e.g. the batch-b LiteRT copy does not convert: no latency
+                        rows[i].details = {**(rows[i].details or {}), f"latency_b{b}": f"not timed: {_one_line(e)}"}
+                        continue
                     if t is not None:
                         calls[i] = t
             for i, ms in verify.time_calls(calls, cfg.latency_seconds).items():
@@ -298,6 +307,10 @@ def _parity(row: Row, art: Artifact, source_accuracy: float, cfg: ExportConfig) 
     if drop > cfg.max_accuracy_drop:
         problems.append(f"accuracy {100 * drop:.2f} points below the source (limit {100 * cfg.max_accuracy_drop:.0f})")
     return f"failed: {'; '.join(problems)}" if problems else "ok"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 def _folder_size(path: Path) -> int:

@@ -24,11 +24,16 @@ FUSED_FUNCTIONS = {F.relu, torch.relu, F.dropout, operator.getitem}
 FUSED_METHODS = {"relu"}
 
 
-def outputs_feeding_float(model: nn.Module, layers: set[str]) -> dict[str, str | None]:
-    """The names in ``layers`` whose output reaches something other than another layer of ``layers``, each with
-    the ReLU module that directly and only follows it (to quantize after, as integer kernels do), or None."""
+def outputs_feeding_float(
+    model: nn.Module, layers: set[str], quantize_input: set[str] | None = None
+) -> dict[str, str | None]:
+    """The names in ``layers`` whose output reaches something other than a layer of ``quantize_input`` (the
+    layers that quantize their input; default: all of ``layers``), each with the ReLU module that directly and
+    only follows it (to quantize after, as integer kernels do), or None. A layer called more than once absorbs
+    no ReLU."""
     if not layers:
         return {}
+    quantize_input = layers if quantize_input is None else quantize_input
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -45,7 +50,7 @@ def outputs_feeding_float(model: nn.Module, layers: set[str]) -> dict[str, str |
 
     def only_quantized_consumers(node: fx.Node) -> bool:
         for user in node.users:
-            if user.op == "call_module" and user.target in layers:
+            if user.op == "call_module" and user.target in quantize_input:
                 continue
             fused = (
                 (user.op == "call_module" and isinstance(modules.get(user.target), FUSED_MODULES))
@@ -71,8 +76,9 @@ def outputs_feeding_float(model: nn.Module, layers: set[str]) -> dict[str, str |
             return sole_relu(users[0])
         return name if isinstance(modules.get(name), nn.ReLU) and calls[name] == 1 else None
 
-    return {
-        str(n.target): sole_relu(n)
-        for n in graph.nodes
-        if n.op == "call_module" and n.target in layers and not only_quantized_consumers(n)
-    }
+    out: dict[str, str | None] = {}
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target in layers and not only_quantized_consumers(n):
+            name = str(n.target)
+            out[name] = sole_relu(n) if calls[name] == 1 else None
+    return out

@@ -37,7 +37,7 @@ def run(
     progress: bool = True,
     resume: str | None = None,
 ) -> Report:
-    """Run every stage of ``recipe``; write checkpoints, ONNX files and the report into ``out_dir``.
+    """Run every stage of ``recipe``; write checkpoints, exported files and the report into ``out_dir``.
 
     ``resume``: None starts afresh; ``"auto"`` skips finished stages and continues the interrupted one from
     its last checkpoint; a checkpoint path continues that checkpoint's stage. Under torchrun every rank
@@ -137,6 +137,7 @@ def run(
 
     # ---- write every exported file, run each in its runtime ------------------------------------
     if recipe.export.formats and info.main:
+        report.write(out)  # the training results are safe on disk before any converter runs
         console.rule(f"[bold]export[/]: {', '.join(recipe.export.formats)}; accuracy, agreement, size, latency")
         arts = write_artifacts(sources, recipe.export, out, x_test, console)
         verify_artifacts(arts, x_test.numpy(), data.test.tensors[1], nc, recipe.export, report)

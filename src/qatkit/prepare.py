@@ -181,7 +181,8 @@ def _add_needed_outputs(model: nn.Module, decided: dict[str, Rule], report: Laye
     Returns the ReLU modules to absorb: {layer: relu module} where a ReLU alone follows such a layer."""
     rows = {r.name: r for r in report.rows}
     relus = {}
-    for name, relu in sorted(outputs_feeding_float(model, set(decided)).items()):
+    with_input = {n for n, r in decided.items() if r.activation is not None}
+    for name, relu in sorted(outputs_feeding_float(model, set(decided), with_input).items()):
         if decided[name].output is None:
             decided[name] = decided[name].model_copy(update={"output": ActivationQuant()})
             rows[name].output = _describe(decided[name].output) + (" after ReLU" if relu else "")

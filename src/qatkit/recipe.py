@@ -241,6 +241,8 @@ class Recipe(Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"variant names must be unique; repeated: {', '.join(sorted(dup))}")
+        if "fp32" in names:
+            raise ValueError("variant name 'fp32' is reserved for the float model")
         return v
 
 

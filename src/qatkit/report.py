@@ -188,7 +188,7 @@ class Report:
             "",
             "Sizes: PyTorch rows are the safetensors checkpoint (fake-quant weights are still float); exported "
             "rows are the written file (folder for .mlpackage), ratio to the float file of the same format (fp32; "
-            "Core ML: fp16; packed: the float checkpoint). Latency: CPU, one thread, median of interleaved rounds, "
+            "Core ML: fp16; packed: the float checkpoint). Latency: CPU, the recipe's latency_threads (default 1), median of interleaved rounds, "
             "ratio to the float file of the same format; LiteRT files are written at batch 1 and other batch sizes "
             "are timed on a copy converted at that batch. Agreement: share of test inputs whose top-1 class "
             "matches the PyTorch model the file was exported from. Parity fails when an integer file agrees on "

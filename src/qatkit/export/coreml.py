@@ -70,6 +70,12 @@ def _plain_quantized(m: QuantModule) -> nn.Module:
     return plain if m.fused_relu is None else nn.Sequential(plain, nn.ReLU())
 
 
+def _float_layer(m: QuantModule) -> nn.Module:
+    """A quantized wrapper whose weight stays float (activation-only rules): its float layer, absorbed ReLU kept."""
+    plain = copy.deepcopy(m).to_float()
+    return plain if m.fused_relu is None else nn.Sequential(plain, nn.ReLU())
+
+
 def _blocked(p: torch.Tensor, shape: torch.Size, ch_axis: int | None, group: int) -> torch.Tensor:
     """A per-tensor / per-channel / per-group parameter shaped as Core ML's block-wise scale (same rank)."""
     if group:
@@ -107,8 +113,8 @@ def for_coreml(model: nn.Module, precision: str) -> nn.Module:
     """A copy of ``model`` with quantized layers replaced by plain modules carrying compression metadata."""
     out = copy.deepcopy(model).eval()
     for name, m in list(out.named_modules()):
-        if isinstance(m, QuantModule) and precision == "int8" and m.weight_quant is not None:
-            new = _plain_quantized(m)
+        if isinstance(m, QuantModule) and precision == "int8":
+            new = _plain_quantized(m) if m.weight_quant is not None else _float_layer(m)
         elif isinstance(m, LUTLinear) and precision == "lut":
             new = PalettizedLinear(m)
         elif isinstance(m, (QuantModule, LUTLinear)):
@@ -241,7 +247,7 @@ def match_weights(inspected: dict, model: nn.Module, precision: str) -> dict:
               if isinstance(m, LUTLinear)}  # fmt: skip
     worst, luts_equal, matched = 0.0, True, 0
     for op_name, w in inspected["weights"].items():
-        bare = op_name.removeprefix("p_")  # torch.export names parameters p_<path>
+        bare = op_name.removeprefix("p_").removeprefix("op_")  # p_<path>: torch.export; op_<n>: a top-level index
         key = next((k for k in expected if bare.startswith(k + "_") or bare == k), None)
         if key is None:
             continue

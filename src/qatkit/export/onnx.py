@@ -80,10 +80,10 @@ def quiet(*more_loggers: str):
         lg.setLevel(logging.ERROR)
     try:
         with (
+            _native_fds_to_devnull(),  # first, so it flushes the real streams before they are swapped
             warnings.catch_warnings(),
             contextlib.redirect_stdout(io.StringIO()),
             contextlib.redirect_stderr(io.StringIO()),
-            _native_fds_to_devnull(),
         ):
             warnings.simplefilter("ignore")
             yield

@@ -4,7 +4,7 @@ Precisions: ``fp32`` (the float graph), ``fp16`` (FP16 weights) and ``dynamic_in
 activations quantized at run time), both from the float file by ai-edge-quantizer; ``int8``: a full-integer
 model from a quantized qatkit model, using the scales it was calibrated or trained with (no re-calibration).
 ``io`` picks int8 or float inputs/outputs for ``int8`` files. Files have a fixed batch size (the exporter
-cannot lower a dynamic batch through flatten); run() feeds one example at a time.
+cannot lower a dynamic batch through flatten); run() feeds the rows in chunks of that size.
 """
 
 from __future__ import annotations
@@ -83,6 +83,14 @@ def _convert_int8(lt, model: nn.Module, example: torch.Tensor, path: Path, io: s
     config = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(get_symmetric_quantization_config(True)))
     with _strict_qdq(io == "float"):
         lt.convert(qdq, (example,), quant_config=config).export(str(path))
+    if io == "int8":
+        runner = TFLiteRunner(path)
+        dtypes = (np.dtype(runner.input["dtype"]).name, np.dtype(runner.output["dtype"]).name)
+        if dtypes != ("int8", "int8"):
+            path.unlink()
+            raise ValueError(f"TFLite io 'int8' gave {dtypes[0]} inputs and {dtypes[1]} outputs: the model's first "
+                             "layer must quantize its input and the layer producing its output must quantize its "
+                             "output (`output: {}`)")  # fmt: skip
 
 
 def _check_int8_io(qdq: nn.Module, example: torch.Tensor) -> None:
