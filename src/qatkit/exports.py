@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ class Artifact:
     precision: str
     path: Path
     error: str | None = None
+    handle: object = None
+    """The file opened in its runtime (an ORT session, a LiteRT interpreter), opened once and shared."""
 
 
 class Exporter:
@@ -68,6 +71,10 @@ class Exporter:
     suffix = ""
 
     def precisions(self, src: Source, cfg: ExportConfig) -> list[str]:
+        raise NotImplementedError
+
+    def open(self, art: Artifact, cfg: ExportConfig) -> object:
+        """The file loaded in its runtime; opened once per artifact (see :func:`opened`)."""
         raise NotImplementedError
 
     def write(self, src: Source, precision: str, path: Path, example: torch.Tensor, cfg: ExportConfig) -> None:
@@ -82,7 +89,7 @@ class Exporter:
         """A no-argument call that runs the file once at ``batch`` (None: not timed here)."""
         return None
 
-    def details(self, art: Artifact) -> dict:
+    def details(self, art: Artifact, cfg: ExportConfig) -> dict:
         return {}
 
 
@@ -97,16 +104,19 @@ class OnnxExporter(Exporter):
 
         export_onnx(src.model, example[:2] if len(example) >= 2 else example, path)
 
+    def open(self, art, cfg):
+        return verify.session(art.path, threads=cfg.latency_threads)
+
     def runner(self, art, cfg):
-        sess = verify.session(art.path, threads=cfg.latency_threads)
+        sess = opened(art, cfg)
         return lambda x: verify.run(sess, x)
 
     def timer(self, art, batch, sample, cfg, workdir):
-        sess = verify.session(art.path, threads=cfg.latency_threads)
+        sess = opened(art, cfg)
         x = {sess.get_inputs()[0].name: verify.batch_of(sample, batch)}
         return lambda: sess.run(None, x)
 
-    def details(self, art):
+    def details(self, art, cfg):
         return {"integer_kernels": verify.fused_int8_ops(art.path)} if art.source.quantized else {}
 
 
@@ -121,32 +131,30 @@ class TFLiteExporter(Exporter):
 
         export_tflite(src.model, example[:1], path, precision, cfg.tflite.io)
 
-    def runner(self, art, cfg):
+    def open(self, art, cfg):
         from .export.tflite import TFLiteRunner
 
-        return TFLiteRunner(art.path, cfg.latency_threads).run
+        return TFLiteRunner(art.path, cfg.latency_threads)
+
+    def runner(self, art, cfg):
+        return opened(art, cfg).run
 
     def timer(self, art, batch, sample, cfg, workdir):
         """Files are written at batch 1; other batch sizes are timed on a copy converted at that batch."""
         from .export.tflite import TFLiteRunner, export_tflite
 
-        path = art.path
-        if batch != 1:
+        runner = opened(art, cfg)
+        if batch != runner.batch:
             path = workdir / f"b{batch}_{art.path.name}"
             example = torch.from_numpy(verify.batch_of(sample, batch))
             export_tflite(art.source.model, example, path, art.precision, cfg.tflite.io)
-        runner = TFLiteRunner(path, cfg.latency_threads)
+            runner = TFLiteRunner(path, cfg.latency_threads)
         x = verify.batch_of(sample, batch)
         return lambda: runner.run(x)
 
-    def details(self, art):
-        from .export.tflite import TFLiteRunner
-
-        r = TFLiteRunner(art.path)
-        ops: dict[str, int] = {}
-        for op in r.op_names():
-            ops[op] = ops.get(op, 0) + 1
-        return {"ops": ops, "io_dtype": r.io_dtype}
+    def details(self, art, cfg):
+        r = opened(art, cfg)
+        return {"ops": dict(Counter(r.op_names())), "io_dtype": r.io_dtype}
 
 
 class CoreMLExporter(Exporter):
@@ -160,7 +168,7 @@ class CoreMLExporter(Exporter):
 
         export_coreml(src.model, example[:1], path, precision)
 
-    def details(self, art):
+    def details(self, art, cfg):
         from .export.coreml import inspect_mlpackage, match_weights
 
         info = inspect_mlpackage(art.path)
@@ -204,6 +212,13 @@ class PackedExporter(Exporter):
                 return torch.cat([model(torch.from_numpy(x[i : i + 512])) for i in range(0, len(x), 512)]).numpy()
 
         return run
+
+
+def opened(art: Artifact, cfg: ExportConfig):
+    """The artifact's file loaded in its runtime, once: details, the accuracy run and timing share it."""
+    if art.handle is None:
+        art.handle = EXPORTERS[art.format].open(art, cfg)
+    return art.handle
 
 
 EXPORTERS: dict[str, Exporter] = {
@@ -259,9 +274,9 @@ def verify_artifacts(
         if art.error:
             row.parity = f"failed: export error: {art.error}"
             continue
-        row.size_bytes = verify.file_size(art.path) if art.path.is_file() else _folder_size(art.path)
+        row.size_bytes = verify.file_size(art.path)
         try:
-            row.details = ex.details(art) or None
+            row.details = ex.details(art, cfg) or None
             run = ex.runner(art, cfg)
             if run is not None:
                 logits = torch.from_numpy(run(x))
@@ -311,12 +326,6 @@ def _parity(row: Row, art: Artifact, source_accuracy: float, cfg: ExportConfig) 
 
 def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:300] or type(e).__name__
-
-
-def _folder_size(path: Path) -> int:
-    from .export.coreml import directory_size
-
-    return directory_size(path)
 
 
 def parity_failures(report: Report) -> list[str]:

@@ -12,7 +12,7 @@ def require(module: str, extra: str, what: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f'{what} needs the optional extra: pip install "qatkit[{extra}]" ({e})') from None
+        raise ImportError(_missing(what, extra, str(e))) from None
 
 
 EXTRA_MODULES = {
@@ -25,4 +25,8 @@ def check_installed(extra: str, what: str) -> None:
     """Fail early (before any training) if a module of ``qatkit[extra]`` is missing, without importing it."""
     for module in EXTRA_MODULES[extra]:
         if importlib.util.find_spec(module) is None:
-            raise ImportError(f'{what} needs the optional extra: pip install "qatkit[{extra}]" (no module {module!r})')
+            raise ImportError(_missing(what, extra, f"no module {module!r}"))
+
+
+def _missing(what: str, extra: str, why: str) -> str:
+    return f'{what} needs the optional extra: pip install "qatkit[{extra}]" ({why})'

@@ -11,7 +11,6 @@ modules before conversion so that coremltools uses the given values. Core ML can
 from __future__ import annotations
 
 import copy
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ..extras import require
 from ..nn.lut_linear import LUTLinear
 from ..nn.modules import QuantConv1d, QuantLinear, QuantModule
 from .onnx import quiet
+from .verify import file_size
 
 PRECISIONS = ("fp16", "int8", "lut")
 
@@ -197,14 +197,6 @@ def _exported(model: nn.Module, example: torch.Tensor):
     return program
 
 
-def directory_size(path: str | Path) -> int:
-    """Bytes in a file or in all files under a folder (an .mlpackage is a folder)."""
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(p) for f in fs)
-
-
 def inspect_mlpackage(path: str | Path) -> dict:
     """What a saved .mlpackage holds, read without the Core ML runtime: op counts, input types, and for each
     compressed weight its decoded values (float32) and, for palettized ones, the stored table."""
@@ -230,7 +222,7 @@ def inspect_mlpackage(path: str | Path) -> dict:
         "ops": dict(Counter(op.op_type for op in ops)),
         "inputs": [(i.name, i.type.WhichOneof("Type")) for i in spec.description.input],
         "weights": weights,
-        "size_bytes": directory_size(path),
+        "size_bytes": file_size(path),
     }
 
 

@@ -66,7 +66,11 @@ def fused_int8_ops(path: str | Path) -> dict[str, int]:
 
 
 def file_size(path: str | Path) -> int:
-    return os.path.getsize(path)
+    """Bytes in a file, or in all files under a folder (an .mlpackage is a folder)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(p) for f in fs)
 
 
 def time_calls(calls: dict[str, Callable[[], object]], seconds: float = 0.5, rounds: int = 5) -> dict[str, float]:
