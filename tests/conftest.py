@@ -7,7 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub: everything is made locally
 
-from qatkit.models import MLP, TinyTransformer
+from qatkit.components.models import MLP, TinyTransformer
 
 
 @pytest.fixture(autouse=True)

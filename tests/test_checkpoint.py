@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from qatkit.checkpoint import CheckpointError, load_weights, read_metadata, save_weights
+from qatkit.io.checkpoint import CheckpointError, load_weights, read_metadata, save_weights
 
 
 class Boom:
@@ -63,7 +63,7 @@ def test_foreign_safetensors_is_refused(tmp_path):
 
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     p = save_weights(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
-    import qatkit.checkpoint as ck
+    import qatkit.io.checkpoint as ck
 
     def broken_replace(src, dst):
         raise OSError("disk full")

@@ -56,8 +56,8 @@ def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
     assert report["warm_start"]["w4a8"]["mismatched"] == []
 
     # the packed file alone rebuilds the QAT model: same test accuracy as the run's PyTorch row
-    from qatkit.data import load_dataset
-    from qatkit.export.packed import load_packed_model
+    from qatkit.components.datasets import load_dataset
+    from qatkit.run.rebuild import load_packed_model
     from qatkit.train import classification_metrics, make_loader, predict
 
     data = load_dataset("digits", 0.15, 0)

@@ -8,13 +8,13 @@ import torch
 from torch.utils.data import TensorDataset
 
 from qatkit import calibrate, prepare
-from qatkit.checkpoint import CheckpointError
-from qatkit.data import load_digits
-from qatkit.models import MLP
+from qatkit.components.datasets import load_digits
+from qatkit.components.models import MLP
+from qatkit.io.checkpoint import CheckpointError
 from qatkit.train import TrainConfig, evaluate, fit, make_loader
+from qatkit.train.config import CheckpointConfig, GuardConfig
 from qatkit.train.guards import TrainingDiverged
 from qatkit.train.state import load_training_state, save_training_state
-from qatkit.train_config import CheckpointConfig, GuardConfig
 
 
 @pytest.fixture(scope="module")

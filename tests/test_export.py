@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from qatkit import calibrate, prepare
-from qatkit.data import load_basic_motions, load_digits
+from qatkit.components.datasets import load_basic_motions, load_digits
+from qatkit.components.models import MLP, CNN1d
 from qatkit.export import verify
 from qatkit.export.onnx import export_onnx
-from qatkit.fold import fold_batchnorm
-from qatkit.models import MLP, CNN1d
 from qatkit.train import TrainConfig, fit, make_loader, predict
+from qatkit.transform.fold import fold_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def qat_mlp(digits):
     model = MLP(digits.input_shape, 10, hidden=[256, 128])
     fit(model, digits.train, None, TrainConfig(epochs=3, lr=2e-3), num_classes=10, batch_size=64, progress=False)
     float_model = copy.deepcopy(model)
-    prepare(model, "int8")
+    prepare(model, {"preset": "int8", "outputs": "rules"})  # the logits layer without an output quantizer
     calibrate(model, make_loader(digits.train, 64, True), 4)
     fit(model, digits.train, None, TrainConfig(epochs=1, lr=1e-4), num_classes=10, batch_size=64, progress=False)
     return float_model, model
@@ -66,13 +66,14 @@ def test_conv1d_with_folded_batchnorm_exports_to_qlinearconv(tmp_path):
     model.eval()
     x = data.test.tensors[0]
     before = model(x)
-    assert fold_batchnorm(model) == ["features.1", "features.4"]
+    assert fold_batchnorm(model).folded == ["features.1", "features.4"]
     assert torch.allclose(model(x), before, atol=1e-4)
     plain, with_output = copy.deepcopy(model), model
     # conv 1 feeds conv 2's input quantizer and fuses; conv 2 feeds global pooling (no Q after it) and
     # stays DQ -> Conv in float unless its output is quantized too.
-    prepare(plain, "int8")
-    prepare(with_output, {"preset": "int8", "rules": [{"match": "features.3", "activation": {}, "output": {}}]})
+    prepare(plain, {"preset": "int8", "outputs": "rules"})
+    prepare(with_output, {"preset": "int8", "outputs": "rules",
+                          "rules": [{"match": "features.3", "activation": {}, "output": {}}]})  # fmt: skip
     for i, m in enumerate((plain, with_output)):
         calibrate(m, make_loader(data.train, 8, True), 5)
         path = export_onnx(m, x[:2], tmp_path / f"c{i}.onnx")
@@ -111,7 +112,7 @@ def test_low_bit_and_group_weights_export_exactly(tmp_path, digits):
 
 
 def test_conv2d_model_exports_with_int8_convs(tmp_path, digits):
-    from qatkit.models import CNN2d
+    from qatkit.components.models import CNN2d
 
     torch.manual_seed(0)
     model = CNN2d(digits.input_shape, 10, channels=[8, 16]).eval()
@@ -128,7 +129,7 @@ def test_conv2d_model_exports_with_int8_convs(tmp_path, digits):
 def test_layers_without_a_following_quantize_are_rewritten_to_int8_matmul(tmp_path):
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
-    prepare(block, "int8")
+    prepare(block, {"preset": "int8", "outputs": "rules"})
     calibrate(block, [torch.randn(64, 32) for _ in range(4)], 4)
     path = export_onnx(block, torch.randn(2, 32), tmp_path / "b.onnx")
     graph = onnx.load(str(path)).graph

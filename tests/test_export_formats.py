@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from qatkit import calibrate, prepare
-from qatkit.checkpoint import CheckpointError, save_weights
-from qatkit.data import load_basic_motions, load_digits
+from qatkit.components.datasets import load_basic_motions, load_digits
+from qatkit.components.models import MLP, CNN1d
 from qatkit.export.packed import apply_packed, load_packed_state, save_packed
-from qatkit.fold import fold_batchnorm
-from qatkit.models import MLP, CNN1d
+from qatkit.io.checkpoint import CheckpointError, save_weights
 from qatkit.train import TrainConfig, fit, make_loader, predict
+from qatkit.transform.fold import fold_batchnorm
 
 pytest.importorskip("litert_torch")
 pytest.importorskip("coremltools")
@@ -117,6 +117,7 @@ def test_coreml_int8_stores_the_qat_weights_and_fp16_is_float(trained, tmp_path)
     check = match_weights(q, qat, "int8")
     assert check["layers"] == check["expected"] == n_layers
     assert check["max_rel_diff"] < 2e-3  # FP16 storage of the scales; the integer codes are the model's
+
     def weight_bytes(name):
         return next((tmp_path / name).rglob("weight.bin")).stat().st_size
 
@@ -179,8 +180,8 @@ def test_missing_extra_is_named(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r'pip install "qatkit\[coreml\]"'):
         export_coreml(model, torch.zeros(1, 1, 8, 8), tmp_path / "a.mlpackage")
     # a run asking for the format is refused before any training
-    from qatkit.exports import check_extras
     from qatkit.recipe import ExportConfig
+    from qatkit.run.artifacts import check_extras
 
     check_extras(ExportConfig(formats=["onnx", "packed"]))
     with pytest.raises(ImportError, match=r"TFLite export .*qatkit\[tflite\]"):
@@ -190,7 +191,7 @@ def test_missing_extra_is_named(monkeypatch, tmp_path):
 def test_coreml_int8_transformer_with_float_attention(tmp_path):
     """Seed 000's layout (only FFN layers quantized) converts too (through torch.export: the TorchScript
     frontend cannot convert nn.MultiheadAttention here)."""
-    from qatkit.models import build_model
+    from qatkit.components.models import build_model
 
     data = load_basic_motions(0.0, 0)
     torch.manual_seed(0)

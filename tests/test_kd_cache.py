@@ -39,8 +39,16 @@ def seqs(lm, tmp_path_factory):
 
 
 def _build(lm, seqs, out, log=None, **overrides):
-    kw = dict(teacher_name="tiny-llama", top_k=K, negatives=R, shard_size=SHARD, batch_size=BATCH, seed=SEED,
-              eval_fraction=0.2, log=log if log is not None else (lambda _: None))
+    kw = dict(
+        teacher_name="tiny-llama",
+        top_k=K,
+        negatives=R,
+        shard_size=SHARD,
+        batch_size=BATCH,
+        seed=SEED,
+        eval_fraction=0.2,
+        log=log if log is not None else (lambda _: None),
+    )
     kw.update(overrides)
     return build_kd_cache(lm[0], lm[1], seqs, out, **kw)
 
@@ -105,8 +113,9 @@ def test_round_trip_exact(lm, seqs, built):
 
 def test_negatives_cover_vocab_uniformly(built):
     ds = KDCache(built, split="all")
-    counts = np.bincount(np.concatenate([ds[i]["neg_ids"].numpy().ravel() for i in range(len(ds))]),
-                         minlength=ds.vocab_size)
+    counts = np.bincount(
+        np.concatenate([ds[i]["neg_ids"].numpy().ravel() for i in range(len(ds))]), minlength=ds.vocab_size
+    )
     assert counts.min() > 0 and counts.max() < 3 * counts.mean()
 
 
@@ -253,15 +262,19 @@ def test_jsonl_chat_corpus(lm, tmp_path):
     docs = read_texts([path])
     assert docs == [chat, "The baker opens her shop."]
     seqs = tokenize_corpus(docs, tok, 4, chat_template=True)
-    texts = [tok.apply_chat_template(chat, tokenize=False),
-             tok.apply_chat_template([{"role": "user", "content": docs[1]}], tokenize=False)]
+    texts = [
+        tok.apply_chat_template(chat, tokenize=False),
+        tok.apply_chat_template([{"role": "user", "content": docs[1]}], tokenize=False),
+    ]
     expected = tok(texts[0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     expected += tok(texts[1], add_special_tokens=False)["input_ids"]
     assert seqs.dtype == torch.int64 and seqs.flatten().tolist() == expected[: len(seqs) * 4]
     assert seqs[0, 0] == tok.bos_token_id
     plain = tokenize_corpus(["The river runs.", "The cat walks."], tok, 2)
-    assert plain.flatten().tolist() == (tok("The river runs .")["input_ids"] + [tok.eos_token_id]
-                                        + tok("The cat walks .")["input_ids"])[:8]
+    assert (
+        plain.flatten().tolist()
+        == (tok("The river runs .")["input_ids"] + [tok.eos_token_id] + tok("The cat walks .")["input_ids"])[:8]
+    )
     ds = KDCache(_build(lm, seqs, tmp_path / "kd", eval_fraction=0.0), split="all")
     assert len(ds) == len(seqs) and len(KDCache(tmp_path / "kd", split="eval")) == 0
     other = tmp_path / "other.jsonl"

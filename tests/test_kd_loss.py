@@ -49,8 +49,9 @@ def case():
 
 def test_matches_loop_reference(case):
     student, teacher, full, ids = case
-    out = kd_loss(student, teacher, temperature=1.7, hard_top1=0.3, hard_full=0.5,
-                  student_full_logits=full, teacher_top1_ids=ids)
+    out = kd_loss(
+        student, teacher, temperature=1.7, hard_top1=0.3, hard_full=0.5, student_full_logits=full, teacher_top1_ids=ids
+    )
     ref = _reference(student.numpy(), teacher.numpy(), 1.7, 0.3, 0.5, full.numpy(), ids.numpy())
     got = [float(out[k]) for k in ("loss", "kl", "top1", "full")]
     np.testing.assert_allclose(got, ref, rtol=1e-10)
@@ -68,8 +69,16 @@ def test_defaults_and_no_full_term(case):
 def test_mask(case):
     student, teacher, full, ids = case
     mask = torch.tensor([[True, False, True], [False, False, True]])
-    out = kd_loss(student, teacher, temperature=2.0, hard_top1=0.2, hard_full=0.1,
-                  student_full_logits=full, teacher_top1_ids=ids, mask=mask)
+    out = kd_loss(
+        student,
+        teacher,
+        temperature=2.0,
+        hard_top1=0.2,
+        hard_full=0.1,
+        student_full_logits=full,
+        teacher_top1_ids=ids,
+        mask=mask,
+    )
     ref = _reference(student.numpy(), teacher.numpy(), 2.0, 0.2, 0.1, full.numpy(), ids.numpy(), mask.numpy())
     np.testing.assert_allclose(float(out["loss"]), ref[0], rtol=1e-10)
     # Masked positions do not matter at all.
@@ -115,8 +124,9 @@ def test_gradcheck():
 
     def f(h, w):
         cand = candidate_logits(h, w, ids)
-        return kd_loss(cand, teacher, hard_top1=0.3, hard_full=0.5, student_full_logits=h @ w.T,
-                       teacher_top1_ids=top1, mask=mask)["loss"]
+        return kd_loss(
+            cand, teacher, hard_top1=0.3, hard_full=0.5, student_full_logits=h @ w.T, teacher_top1_ids=top1, mask=mask
+        )["loss"]
 
     assert torch.autograd.gradcheck(f, (hidden, weight))
 

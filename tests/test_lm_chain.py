@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from qatkit.checkpoint import CheckpointError
-from qatkit.config_base import RecipeError
+from qatkit.base.config import RecipeError
+from qatkit.io.checkpoint import CheckpointError
 from qatkit.lm.cache import build_kd_cache
 from qatkit.lm.checkpoint import load_lut_model
 from qatkit.lm.corpus import tokenize_corpus
@@ -19,7 +19,7 @@ from qatkit.lm.pack import load_packed, save_packed, snap_model
 from qatkit.lm.rules import LMQuantConfig, LUTRule, bits_per_weight, lut_layers, prepare_lm
 from qatkit.lm.train import lm_train
 from qatkit.nn.lut_linear import LUTLinear
-from qatkit.train_config import TrainConfig
+from qatkit.train.config import TrainConfig
 from tiny_lm import SAMPLE_TEXT
 
 pytest.importorskip("transformers")
@@ -35,7 +35,9 @@ def kd_cache_dir(tiny_lm_dir, tmp_path_factory):
     model, tok = load_causal_lm(tiny_lm_dir)
     seqs = tokenize_corpus([SAMPLE_TEXT] * 3, tok, 24)
     out = tmp_path_factory.mktemp("cache") / "kd"
-    build_kd_cache(model, tok, seqs, out, teacher_name="tiny", top_k=6, negatives=6, eval_fraction=0.2, log=lambda *_: None)
+    build_kd_cache(
+        model, tok, seqs, out, teacher_name="tiny", top_k=6, negatives=6, eval_fraction=0.2, log=lambda *_: None
+    )
     return out
 
 
@@ -88,7 +90,7 @@ def test_packed_round_trip_is_exact_and_smaller(tiny_lm_dir, tmp_path):
 
 
 def test_lut_checkpoint_refuses_another_tokenizer_and_foreign_files(tiny_lm_dir, tmp_path):
-    from qatkit.checkpoint import save_weights
+    from qatkit.io.checkpoint import save_weights
     from qatkit.lm.checkpoint import apply_lut_checkpoint, save_lut_model
 
     model, _ = load_causal_lm(tiny_lm_dir)
@@ -169,7 +171,7 @@ def test_cli_errors_are_one_line(tiny_lm_dir, tmp_path):
 
 
 def test_quant_config_yaml_sets_bits_and_rank_per_rule_and_names_bad_keys(tiny_lm_dir, tmp_path):
-    from qatkit.cli_lm import load_quant_config
+    from qatkit.cli.lm import load_quant_config
 
     good = tmp_path / "q.yaml"
     good.write_text("rules:\n  - {name: up, match: ['*.mlp.up_proj'], bits: 3, rank: 2}\n")

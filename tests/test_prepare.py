@@ -8,7 +8,7 @@ from qatkit.nn import FakeQuantizer, QuantLinear
 
 
 def test_ffn_only_quantizes_exactly_the_ffn_linears(tiny_transformer):
-    report = prepare(tiny_transformer, "ffn-only")
+    report = prepare(tiny_transformer, {"preset": "ffn-only", "outputs": "rules"})  # (no fc2 output quantizers)
     quantized = {r.name for r in report.quantized}
     assert quantized == {f"layers.{i}.{fc}" for i in range(2) for fc in ("fc1", "fc2")}
     skipped = {r.name for r in report.skipped}
@@ -140,12 +140,12 @@ def test_outputs_where_needed_quantizes_outputs_that_feed_float(tmp_path):
     """Layers feeding pooling or the model output get an output quantizer; layers feeding (through ReLU) another
     quantized layer do not; every layer then runs as an ONNX Runtime integer kernel."""
     from qatkit import calibrate
-    from qatkit.data import load_basic_motions
+    from qatkit.components.datasets import load_basic_motions
+    from qatkit.components.models import CNN1d
     from qatkit.export import verify
     from qatkit.export.onnx import export_onnx
-    from qatkit.fold import fold_batchnorm
-    from qatkit.models import CNN1d
     from qatkit.train import make_loader
+    from qatkit.transform.fold import fold_batchnorm
 
     data = load_basic_motions(0.0, 0)
     model = CNN1d(data.input_shape, 4).eval()
@@ -169,10 +169,10 @@ def test_outputs_where_needed_quantizes_outputs_that_feed_float(tmp_path):
     assert isinstance(model.features[5], torch.nn.ReLU) and torch.allclose(model(x), reference, atol=1e-6)
 
 
-def test_outputs_where_needed_keeps_explicit_outputs_and_needs_a_traceable_model():
+def test_outputs_where_needed_keeps_explicit_outputs_and_falls_back_on_an_untraceable_model():
     from torch import nn
 
-    from qatkit.models import MLP
+    from qatkit.components.models import MLP
 
     model = MLP((1, 8, 8), 10, hidden=[16])
     report = prepare(model, {"preset": "int8", "outputs": "where_needed",
@@ -187,8 +187,10 @@ def test_outputs_where_needed_keeps_explicit_outputs_and_needs_a_traceable_model
         def forward(self, x):
             return self.fc(x) if x.sum() > 0 else x  # data-dependent control flow: fx cannot trace it
 
-    with pytest.raises(RecipeError, match="torch.fx can trace"):
-        prepare(Branchy(), {"preset": "int8", "outputs": "where_needed"})
+    report = prepare(Branchy(), {"preset": "int8", "outputs": "where_needed"})  # the rules' outputs, and a note
+    assert {r.name: r.output for r in report.rows} == {"fc": "float"}
+    assert len(report.notes) == 1 and report.notes[0].startswith("outputs: where_needed fell back to the rules'")
+    assert "torch.fx cannot trace the model (" in report.notes[0] and report.to_dict()["notes"] == report.notes
 
 
 def test_outputs_where_needed_edge_cases():

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from qatkit import RecipeError, load_recipe, parse_recipe, prepare
-from qatkit.cli import bundled_recipes
+from qatkit.cli.main import bundled_recipes
 
 BASE = {"name": "t", "variants": [{"name": "a", "quant": {"preset": "int8"}}]}
 

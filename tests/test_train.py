@@ -9,8 +9,7 @@ from sklearn.metrics import f1_score, recall_score, roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import TensorDataset
 
-from qatkit.train import EarlyStopping, TrainConfig, classification_metrics, fit
-from qatkit.train.loop import class_weight_tensor
+from qatkit.train import EarlyStopping, TrainConfig, class_weight_tensor, classification_metrics, fit
 from qatkit.train.schedules import lr_multiplier
 
 

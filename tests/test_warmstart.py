@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from qatkit import prepare, warm_start
-from qatkit.checkpoint import save_weights
-from qatkit.models import MLP
+from qatkit.components.models import MLP
+from qatkit.io.checkpoint import save_weights
 
 
 def test_report_with_one_mismatched_layer(tmp_path):

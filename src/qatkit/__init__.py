@@ -1,22 +1,45 @@
 """qatkit: quantization-aware training for PyTorch, from float baseline to a verified int8 file.
 
-report = qatkit.prepare(model, "int8")      # swap layers, see what was quantized
+report = qatkit.transform.prepare(model, "int8")      # swap layers, see what was quantized
 qatkit.calibrate(model, loader, 8)          # PTQ: observe activation ranges
 ...train as usual...                        # QAT: fake quantization is on
 qatkit.export_onnx(model, example, "m.onnx")
 """
 
-from .prepare import LayerReport, prepare, quant_status, unprepare
-from .ptq import calibrate, set_fake_quant
-from .recipe import QuantRecipe, Recipe, RecipeError, load_recipe, parse_recipe
-from .warmstart import WarmStartReport, warm_start
+from qatkit.recipe import QuantRecipe, Recipe, RecipeError, load_recipe, parse_recipe
+from qatkit.transform.calibrate import calibrate, set_fake_quant
+from qatkit.transform.prepare import LayerReport, prepare, quant_status, unprepare
+from qatkit.transform.warm_start import WarmStartReport, warm_start
 
 __version__ = "0.1.0"
 
 
+def run(recipe, out_dir="runs/run", model=None, data=None, **kwargs):
+    """Run a recipe (a Recipe, a dict or a YAML path) end to end; ``model`` (an nn.Module or a factory) and
+    ``data`` (a DataSplits, or (train, val, test) data sets) may be given directly (see run/pipeline.py)."""
+    from pathlib import Path
+
+    from qatkit.run.pipeline import run as _run
+
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    elif isinstance(recipe, dict):
+        recipe = parse_recipe(recipe)
+    if data is not None and not hasattr(data, "train"):
+        data = _splits(recipe, data)
+    return _run(recipe, out_dir, model=model, data=data, **kwargs)
+
+
+def _splits(recipe, datasets):
+    """DataSplits from (train, test) or (train, val, test) data sets given in Python."""
+    from qatkit.components.datasets import from_datasets
+
+    return from_datasets(datasets, recipe.task.name, recipe.data.val_fraction, "Python data")
+
+
 def export_onnx(*args, **kwargs):
     """Export a prepared model to an int8 QDQ ONNX file (see :func:`qatkit.export.onnx.export_onnx`)."""
-    from .export.onnx import export_onnx as _export
+    from qatkit.export.onnx import export_onnx as _export
 
     return _export(*args, **kwargs)
 
@@ -33,6 +56,7 @@ __all__ = [
     "parse_recipe",
     "prepare",
     "quant_status",
+    "run",
     "set_fake_quant",
     "unprepare",
     "warm_start",

@@ -1,5 +1,5 @@
 """``python -m qatkit`` runs the command line."""
 
-from .cli import main
+from qatkit.cli.main import main
 
 main()

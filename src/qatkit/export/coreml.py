@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..extras import require
-from ..nn.lut_linear import LUTLinear
-from ..nn.modules import QuantConv1d, QuantLinear, QuantModule
-from .onnx import quiet
-from .verify import file_size
+from qatkit.base.batch import InputSpec, adapt, rows
+from qatkit.base.extras import require
+from qatkit.export.formats import Exporter
+from qatkit.export.onnx import quiet
+from qatkit.export.verify import file_size
+from qatkit.nn.lut_linear import LUTLinear
+from qatkit.nn.modules import QuantConv1d, QuantLinear, QuantModule, activation_module
 
 PRECISIONS = ("fp16", "int8", "lut")
 
@@ -67,13 +69,16 @@ def _plain_quantized(m: QuantModule) -> nn.Module:
     if bool((fq.zero_point != 0).any()):
         fields["zero_point"] = _blocked(fq.zero_point.detach().float(), w.shape, fq.ch_axis, fq.group_size)
     _register(plain, **fields)
-    return plain if m.fused_relu is None else nn.Sequential(plain, nn.ReLU())
+    bounds = m.fused_activation()
+    return plain if bounds is None else nn.Sequential(plain, activation_module(bounds))
 
 
 def _float_layer(m: QuantModule) -> nn.Module:
-    """A quantized wrapper whose weight stays float (activation-only rules): its float layer, absorbed ReLU kept."""
+    """A quantized wrapper whose weight stays float (activation-only rules): its float layer, absorbed activation
+    (ReLU / ReLU6 / Hardtanh) kept."""
     plain = copy.deepcopy(m).to_float()
-    return plain if m.fused_relu is None else nn.Sequential(plain, nn.ReLU())
+    bounds = m.fused_activation()
+    return plain if bounds is None else nn.Sequential(plain, activation_module(bounds))
 
 
 def _blocked(p: torch.Tensor, shape: torch.Size, ch_axis: int | None, group: int) -> torch.Tensor:
@@ -127,9 +132,7 @@ def for_coreml(model: nn.Module, precision: str) -> nn.Module:
     return out
 
 
-def export_coreml(
-    model: nn.Module, example: torch.Tensor, path: str | Path, precision: str = "fp16", method: str = "auto"
-) -> Path:
+def export_coreml(model: nn.Module, example, path: str | Path, precision: str = "fp16", method: str = "auto") -> Path:
     """Write ``model`` as an ML Program ``.mlpackage`` (FP16 compute, iOS 18 ops) for inputs shaped like
     ``example`` (float features, or int token ids for a causal LM wrapper).
 
@@ -141,7 +144,9 @@ def export_coreml(
         raise ValueError(f"Core ML precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     with quiet("coremltools"):
         ct = _ct()
-    m = for_coreml(model, precision)
+    spec = InputSpec.of(example)
+    m = adapt(for_coreml(model, precision), spec)
+    example = spec.named(example)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if method not in ("auto", "trace", "export"):
@@ -162,14 +167,16 @@ def export_coreml(
     return path
 
 
-def _convert(ct, m: nn.Module, example: torch.Tensor, method: str):
+def _convert(ct, m: nn.Module, example: dict[str, torch.Tensor], method: str):
+    """Convert with one Core ML input per model input (named as in ``example``)."""
+    args = tuple(example.values())
     with quiet("coremltools"), torch.no_grad():
         if method == "trace":
-            dtype = np.float32 if example.is_floating_point() else np.int32
-            program = torch.jit.trace(m, example, check_trace=False)
-            inputs = [ct.TensorType(name="input", shape=tuple(example.shape), dtype=dtype)]
+            program = torch.jit.trace(m, args, check_trace=False)
+            inputs = [ct.TensorType(name=n, shape=tuple(t.shape), dtype=np.float32 if t.is_floating_point() else np.int32)
+                      for n, t in example.items()]  # fmt: skip
         else:
-            program, inputs = _exported(m, example), None
+            program, inputs = _exported(m, args), None
         return ct.convert(
             program,
             inputs=inputs,
@@ -184,10 +191,10 @@ def _line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def _exported(model: nn.Module, example: torch.Tensor):
+def _exported(model: nn.Module, args: tuple):
     """``torch.export`` program in core ATen ops, without the ``alias`` nodes coremltools cannot convert (they
     are no-ops in inference; Hugging Face attention masks produce them)."""
-    program = torch.export.export(model, (example,)).run_decompositions()
+    program = torch.export.export(model, args).run_decompositions()
     graph = program.graph_module.graph
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target == torch.ops.aten.alias.default:
@@ -240,7 +247,8 @@ def match_weights(inspected: dict, model: nn.Module, precision: str) -> dict:
     worst, luts_equal, matched = 0.0, True, 0
     for op_name, w in inspected["weights"].items():
         bare = op_name.removeprefix("p_").removeprefix("op_")  # p_<path>: torch.export; op_<n>: a top-level index
-        key = next((k for k in expected if bare.startswith(k + "_") or bare == k), None)
+        names = (bare, bare.removeprefix("model_"))  # model_<path>: a multi-input model under its adapter
+        key = next((k for k in expected for b in names if b.startswith(k + "_") or b == k), None)
         if key is None:
             continue
         matched += 1
@@ -252,3 +260,23 @@ def match_weights(inspected: dict, model: nn.Module, precision: str) -> dict:
             luts_equal &= bool(np.array_equal(stored, tables[layer]))
     return {"layers": matched, "expected": len(expected), "max_rel_diff": worst,
             "luts_equal": luts_equal if precision == "lut" else None}  # fmt: skip
+
+
+class CoreMLExporter(Exporter):
+    """ML Program packages: fp16 from the float model, int8 weights on each quantized model's own scales. There
+    is no Core ML runtime on Linux: files are checked structurally (ops, stored weights decoded and compared)."""
+
+    format, runtime, suffix, extra = "coreml", "coreml (not run)", ".mlpackage", "coreml"
+
+    def precisions(self, src, cfg):
+        return [p for p in cfg.coreml.precisions if (p != "fp16") == src.quantized]
+
+    def write(self, src, precision, path, example, spec, cfg):
+        export_coreml(src.model, spec.structured(rows(example, 0, 1)), path, precision)
+
+    def details(self, art, cfg):
+        info = inspect_mlpackage(art.path)
+        out = {"ops": info["ops"], "not_run": "Core ML has no runtime on Linux"}
+        if art.precision != "fp16":
+            out["weights"] = match_weights(info, art.source.model, art.precision)
+        return out

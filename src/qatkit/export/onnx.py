@@ -13,34 +13,44 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn.modules import QuantModule
-from .gemm_rewrite import rewrite_unfused_gemms
-from .qdq import to_qdq
+from qatkit.base.batch import InputSpec, Positional, adapt, repeat_rows, rows
+from qatkit.export import verify
+from qatkit.export.formats import Exporter, opened, quantized_layers
+from qatkit.export.gemm_rewrite import rewrite_unfused_gemms
+from qatkit.export.qdq import to_qdq
+from qatkit.nn.modules import QuantModule
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, dynamic_batch: bool = True) -> Path:
+def export_onnx(model: nn.Module, example, path: str | Path, dynamic_batch: bool = True) -> Path:
     """Write ``model`` to ``path`` (one self-contained file). Quantized wrappers become Q/DQ + int8 weights.
 
-    ``example`` is one input batch (batch size >= 2 so the batch dimension stays dynamic).
+    ``example`` is one input batch as the model takes it: a tensor, a tuple of tensors (positional inputs) or a
+    dict (keyword inputs); the graph gets one named input per model input ("input" for a lone tensor, else the
+    keyword names or "input0", "input1", ...), each with a dynamic batch dimension.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    spec = InputSpec.of(example)
+    named = spec.named(example)
     quantized = any(isinstance(m, QuantModule) for m in model.modules())
-    m = to_qdq(model) if quantized else model
+    m = adapt(to_qdq(model) if quantized else model, spec)
     was_training = m.training
     m.eval()
-    if dynamic_batch and example.shape[0] < 2:
-        example = example.expand(2, *example.shape[1:]).contiguous()
-    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    if dynamic_batch:  # batch size >= 2 so the exporter keeps the batch dimension symbolic
+        named = {k: v if v.shape[0] >= 2 else v.expand(2, *v.shape[1:]).contiguous() for k, v in named.items()}
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} for _ in named) if dynamic_batch else None
+    if shapes is not None and isinstance(m, Positional):
+        shapes = (shapes,)  # the adapter takes the inputs as one *args parameter
     with quiet():
         torch.onnx.export(
             m,
-            (example,),
+            tuple(named.values()),
             str(path),
             dynamo=True,
             external_data=False,
             dynamic_shapes=shapes,
-            input_names=["input"],
+            input_names=list(spec.names),
             output_names=["logits"],
             verbose=False,
         )
@@ -109,3 +119,33 @@ def _native_fds_to_devnull():
         os.dup2(saved[1], 2)
         for fd in (*saved, null):
             os.close(fd)
+
+
+class OnnxExporter(Exporter):
+    """ONNX files run in ONNX Runtime: the float model as it is, quantized models as QDQ graphs."""
+
+    format, runtime, suffix = "onnx", "onnxruntime", ".onnx"
+
+    def precisions(self, src, cfg):
+        return ["int8" if src.quantized else "fp32"]
+
+    def write(self, src, precision, path, example, spec, cfg):
+        export_onnx(src.model, spec.structured(rows(example, 0, 2)), path)
+
+    def open(self, art, cfg):
+        return verify.session(art.path, threads=cfg.latency_threads)
+
+    def runner(self, art, cfg):
+        sess = opened(art, cfg)
+        return lambda x: verify.run(sess, x)
+
+    def timer(self, art, batch, sample, cfg, workdir):
+        sess = opened(art, cfg)
+        x = verify.feed(sess, repeat_rows(sample, batch))
+        return lambda: sess.run(None, x)
+
+    def details(self, art, cfg):
+        return {"integer_kernels": verify.fused_int8_ops(art.path)} if art.source.quantized else {}
+
+    def float_layers(self, art, cfg):
+        return verify.float_quantized_layers(art.path, quantized_layers(art.source.model)) if art.source.quantized else []

@@ -11,15 +11,19 @@ the codes.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
-from ..nn.modules import QuantModule
-from ..quant.affine import dequantize_int, quantize_to_int
-from ..quant.packing import pack_bits, unpack_bits
+from qatkit.base.batch import call, output_tensor, rows
+from qatkit.export.formats import Exporter
+from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
+from qatkit.nn.modules import QuantModule
+from qatkit.quant.affine import dequantize_int, quantize_to_int
+from qatkit.quant.packing import pack_bits, unpack_bits
 
 KIND = "qatkit-packed-affine"
 
@@ -89,30 +93,33 @@ def apply_packed(model: nn.Module, path: str | Path) -> nn.Module:
     return model.eval()
 
 
-BUILD_KEYS = ("model", "model_args", "input_shape", "num_classes", "folded", "quant")
+class PackedExporter(Exporter):
+    """Packed low-bit checkpoints, run in PyTorch: loaded back on their own when the run says how to build the
+    model, else into a copy of the source."""
 
+    format, runtime, suffix = "packed", "pytorch (packed)", ".packed.safetensors"
 
-def build_info(model_name: str, model_args: dict, input_shape, num_classes: int, folded: bool, quant) -> dict:
-    """What :func:`load_packed_model` needs to rebuild a bundled-architecture model (stored in the file)."""
-    quant = quant.model_dump(mode="json") if hasattr(quant, "model_dump") else quant
-    return dict(
-        zip(BUILD_KEYS, (model_name, dict(model_args), list(input_shape), num_classes, folded, quant), strict=True)
-    )
+    def precisions(self, src, cfg):
+        """One file, labelled by the weight grids it packs: "packed-int2", or "packed-int2..8" when mixed."""
+        if not src.quantized:
+            return []
+        bits = sorted({m.weight_quant.spec.bits for m in _quantized(src.model).values()})
+        if not bits:
+            return []
+        return [f"packed-int{bits[0]}" if len(bits) == 1 else f"packed-int{bits[0]}..{bits[-1]}"]
 
+    def write(self, src, precision, path, example, spec, cfg):
+        save_packed(src.model, path, {"source": src.stem, **(src.build or {})})
 
-def load_packed_model(path: str | Path) -> nn.Module:
-    """A ready-to-run model from a packed file alone: built, BatchNorm folded and prepared as the source was."""
-    from ..fold import fold_batchnorm
-    from ..models import build_model
-    from ..prepare import prepare
+    def runner(self, art, cfg):
+        src = art.source
+        model = src.reload(art.path) if src.reload and src.build else apply_packed(copy.deepcopy(src.model), art.path)
 
-    meta = read_metadata(path)
-    missing = [k for k in BUILD_KEYS if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: packed file has no model description ({', '.join(missing)}); "
-                              "build the model yourself and use apply_packed")  # fmt: skip
-    model = build_model(meta["model"], tuple(meta["input_shape"]), meta["num_classes"], **meta["model_args"])
-    if meta["folded"]:
-        fold_batchnorm(model)
-    prepare(model, meta["quant"])
-    return apply_packed(model, path)
+        def run(x: dict[str, np.ndarray]) -> np.ndarray:
+            named = {k: torch.from_numpy(v) for k, v in x.items()}
+            n = len(next(iter(named.values())))
+            with torch.no_grad():
+                outs = [output_tensor(call(model, art.spec.structured(rows(named, i, i + 512)))) for i in range(0, n, 512)]
+            return torch.cat(outs).numpy()
+
+        return run

@@ -19,9 +19,9 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.fake_quantizer import FakeQuantizer
-from ..nn.modules import QuantConv1d, QuantConv2d, QuantLinear, QuantModule
-from ..quant.affine import quantize_to_int
+from qatkit.nn.fake_quantizer import FakeQuantizer
+from qatkit.nn.modules import RELU_BOUNDS, QuantConv1d, QuantConv2d, QuantLinear, QuantModule
+from qatkit.quant.affine import quantize_to_int
 
 qd = torch.ops.quantized_decomposed
 
@@ -126,15 +126,17 @@ class QDQLayer(nn.Module):
             self.register_buffer("float_weight", wrapper.weight.detach().clone())
         self.bias = None if wrapper.bias is None else nn.Parameter(wrapper.bias.detach().clone(), requires_grad=False)
         self.op = _layer_fn(wrapper)
-        self.relu = wrapper.fused_relu is not None
+        self.bounds = wrapper.fused_activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_qdq is not None:
             x = self.input_qdq(x)
         w = self.weight_qdq() if hasattr(self, "weight_qdq") else self.float_weight
         y = self.op(x, w, self.bias)
-        if self.relu:  # Relu -> Q: ONNX Runtime and LiteRT fuse it into the integer kernel
+        if self.bounds == RELU_BOUNDS:  # Relu -> Q: ONNX Runtime and LiteRT fuse it into the integer kernel
             y = F.relu(y)
+        elif self.bounds is not None:  # Clip -> Q: ONNX Runtime drops the Clip when Q's range lies within it
+            y = torch.clamp(y, self.bounds[0], self.bounds[1])
         return self.output_qdq(y) if self.output_qdq is not None else y
 
 

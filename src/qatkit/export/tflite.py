@@ -10,17 +10,21 @@ cannot lower a dynamic batch through flatten); run() feeds the rows in chunks of
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..extras import require
-from ..nn.modules import QuantModule
-from .onnx import quiet
-from .qdq import to_qdq
+from qatkit.base.batch import InputSpec, adapt, repeat_rows, rows
+from qatkit.base.extras import require
+from qatkit.export.formats import Exporter, opened, quantized_layers
+from qatkit.export.onnx import quiet
+from qatkit.export.qdq import to_qdq
+from qatkit.nn.modules import QuantModule
 
 PRECISIONS = ("fp32", "fp16", "dynamic_int8", "int8")
 _FP16_RECIPE = [
@@ -41,10 +45,9 @@ def _litert_torch():
     return require("litert_torch", "tflite", "TFLite export")
 
 
-def export_tflite(
-    model: nn.Module, example: torch.Tensor, path: str | Path, precision: str = "fp32", io: str = "float"
-) -> Path:
-    """Write ``model`` as a LiteRT flatbuffer at ``path`` (batch size of ``example``)."""
+def export_tflite(model: nn.Module, example, path: str | Path, precision: str = "fp32", io: str = "float") -> Path:
+    """Write ``model`` as a LiteRT flatbuffer at ``path`` (batch size of ``example``: a tensor, a tuple of
+    positional inputs or a dict of keyword inputs; the file takes them positionally, in that order)."""
     if precision not in PRECISIONS:
         raise ValueError(f"TFLite precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if io not in ("float", "int8"):
@@ -55,21 +58,23 @@ def export_tflite(
         raise ValueError(f"TFLite precision {precision!r} needs {need}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    spec = InputSpec.of(example)
+    args = tuple(spec.named(example).values())
     with quiet("litert_torch", "absl"):
         lt = _litert_torch()
         if precision == "int8":
-            _convert_int8(lt, model, example, path, io)
+            _convert_int8(lt, model, spec, args, path, io)
         elif precision == "fp32":
-            lt.convert(model.eval(), (example,)).export(str(path))
+            lt.convert(adapt(model.eval(), spec), args).export(str(path))
         else:
             with tempfile.TemporaryDirectory() as d:
                 float_path = Path(d) / "float.tflite"
-                lt.convert(model.eval(), (example,)).export(str(float_path))
+                lt.convert(adapt(model.eval(), spec), args).export(str(float_path))
                 _quantize_file(float_path, path, precision)
     return path
 
 
-def _convert_int8(lt, model: nn.Module, example: torch.Tensor, path: Path, io: str) -> None:
+def _convert_int8(lt, model: nn.Module, spec: InputSpec, args: tuple, path: Path, io: str) -> None:
     """The Q/DQ graph with constant scales, converted in litert-torch's static Q/DQ mode."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
@@ -79,13 +84,13 @@ def _convert_int8(lt, model: nn.Module, example: torch.Tensor, path: Path, io: s
             raise ValueError(f"LiteRT int8 needs symmetric weight quantization; layer {name!r} is asymmetric")
     qdq = to_qdq(model, signed=True)
     if io == "int8":
-        _check_int8_io(qdq, example)
+        _check_int8_io(qdq)
     config = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(get_symmetric_quantization_config(True)))
     with _strict_qdq(io == "float"):
-        lt.convert(qdq, (example,), quant_config=config).export(str(path))
+        lt.convert(adapt(qdq, spec), args, quant_config=config).export(str(path))
     if io == "int8":
         runner = TFLiteRunner(path)
-        dtypes = (np.dtype(runner.input["dtype"]).name, np.dtype(runner.output["dtype"]).name)
+        dtypes = (runner.io_dtype, np.dtype(runner.output["dtype"]).name)
         if dtypes != ("int8", "int8"):
             path.unlink()
             raise ValueError(f"TFLite io 'int8' gave {dtypes[0]} inputs and {dtypes[1]} outputs: the model's first "
@@ -93,7 +98,7 @@ def _convert_int8(lt, model: nn.Module, example: torch.Tensor, path: Path, io: s
                              "output (`output: {}`)")  # fmt: skip
 
 
-def _check_int8_io(qdq: nn.Module, example: torch.Tensor) -> None:
+def _check_int8_io(qdq: nn.Module) -> None:
     """int8 outputs need the logits quantized by the recipe: say which layer needs ``output: {}``."""
     last = None
     for name, m in qdq.named_modules():
@@ -137,18 +142,24 @@ def _quantize_file(src: Path, dst: Path, precision: str) -> None:
         qt.quantize().export_model(str(dst), overwrite=True)
 
 
+COMPUTE_OPS = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "BATCH_MATMUL")
+"""LiteRT ops that quantized Linear/Conv layers become."""
+
+
 class TFLiteRunner:
-    """A LiteRT interpreter over one file: float arrays in, float logits out (int8 I/O converted here)."""
+    """A LiteRT interpreter over one file: named float arrays in (one per model input, in signature order),
+    float outputs out (int8 I/O converted here)."""
 
     def __init__(self, path: str | Path, threads: int = 1):
         with quiet():
             interp = require("ai_edge_litert.interpreter", "tflite", "Running TFLite files")
             self.interpreter = interp.Interpreter(model_path=str(path), num_threads=threads)
             self.interpreter.allocate_tensors()
-            self.input = self.interpreter.get_input_details()[0]
+            self.inputs = sorted(self.interpreter.get_input_details(), key=_arg_position)
+            self.input = self.inputs[0]
             self.output = self.interpreter.get_output_details()[0]
             self.batch = int(self.input["shape"][0])
-            self._call(np.zeros(self.input["shape"], np.float32))  # the first call logs the delegate's set-up
+            self._call([np.zeros(d["shape"], np.float32) for d in self.inputs])  # the first call logs set-up
 
     @property
     def io_dtype(self) -> str:
@@ -157,12 +168,23 @@ class TFLiteRunner:
     def op_names(self) -> list[str]:
         return [d["op_name"] for d in self.interpreter._get_ops_details()]
 
-    def _call(self, x: np.ndarray) -> np.ndarray:
-        if self.input["dtype"] != np.float32:
-            s, z = self.input["quantization"]
-            info = np.iinfo(self.input["dtype"])
-            x = np.clip(np.round(x / s) + z, info.min, info.max).astype(self.input["dtype"])
-        self.interpreter.set_tensor(self.input["index"], x)
+    def float_ops(self, kinds=COMPUTE_OPS) -> list[str]:
+        """Ops of ``kinds`` whose input is float: layers the interpreter runs in float, not in int8."""
+        tensors = {d["index"]: d for d in self.interpreter.get_tensor_details()}
+        out = []
+        for op in self.interpreter._get_ops_details():
+            ins = [i for i in op["inputs"] if i >= 0]
+            if op["op_name"] in kinds and ins and tensors[ins[0]]["dtype"] == np.float32:
+                out.append(f"{op['op_name']} #{op['index']}")
+        return out
+
+    def _call(self, xs: list[np.ndarray]) -> np.ndarray:
+        for d, x in zip(self.inputs, xs, strict=True):
+            if d["dtype"] == np.int8 or d["dtype"] == np.uint8:
+                s, z = d["quantization"]
+                info = np.iinfo(d["dtype"])
+                x = np.clip(np.round(x / s) + z, info.min, info.max)
+            self.interpreter.set_tensor(d["index"], x.astype(d["dtype"]))
         self.interpreter.invoke()
         y = self.interpreter.get_tensor(self.output["index"])
         if self.output["dtype"] != np.float32:
@@ -170,14 +192,66 @@ class TFLiteRunner:
             y = (y.astype(np.float32) - z) * s
         return y.astype(np.float32, copy=True)
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits for every row of ``x`` (fed in chunks of the file's batch size; the tail is padded)."""
-        x = x.astype(np.float32)
-        outs = []
-        for i in range(0, len(x), self.batch):
-            chunk = x[i : i + self.batch]
-            n = len(chunk)
-            if n < self.batch:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, axis=0)])
-            outs.append(self._call(chunk)[:n])
+    def run(self, x) -> np.ndarray:
+        """Outputs for every row of ``x`` (an array, or named arrays in model-input order), fed in chunks of the
+        file's batch size; the tail is padded."""
+        xs = list(x.values()) if isinstance(x, dict) else [x]
+        if len(xs) != len(self.inputs):
+            raise ValueError(f"the file takes {len(self.inputs)} inputs, got {len(xs)}")
+        n, outs = len(xs[0]), []
+        for i in range(0, n, self.batch):
+            chunk = [v[i : i + self.batch] for v in xs]
+            k = len(chunk[0])
+            if k < self.batch:
+                chunk = [np.concatenate([c, np.repeat(c[-1:], self.batch - k, axis=0)]) for c in chunk]
+            outs.append(self._call(chunk)[:k])
         return np.concatenate(outs)
+
+
+def _arg_position(detail: dict) -> int:
+    """Position of a LiteRT input in the model's signature (``serving_default_args_3`` -> 3)."""
+    m = re.search(r"args_(\d+)", detail["name"])
+    return int(m.group(1)) if m else detail["index"]
+
+
+class TFLiteExporter(Exporter):
+    """LiteRT flatbuffers: fp32/fp16/dynamic-int8 from the float model, full-int8 from each quantized model."""
+
+    format, runtime, suffix, extra = "tflite", "litert", ".tflite", "tflite"
+
+    def precisions(self, src, cfg):
+        return [p for p in cfg.tflite.precisions if (p == "int8") == src.quantized]
+
+    def write(self, src, precision, path, example, spec, cfg):
+        export_tflite(src.model, spec.structured(rows(example, 0, 1)), path, precision, cfg.tflite.io)
+
+    def open(self, art, cfg):
+        return TFLiteRunner(art.path, cfg.latency_threads)
+
+    def runner(self, art, cfg):
+        return opened(art, cfg).run
+
+    def timer(self, art, batch, sample, cfg, workdir):
+        """Files are written at batch 1; other batch sizes are timed on a copy converted at that batch."""
+        runner = opened(art, cfg)
+        x = repeat_rows(sample, batch)
+        if batch != runner.batch:
+            path = workdir / f"b{batch}_{art.path.name}"
+            example = art.spec.structured({k: torch.from_numpy(v) for k, v in x.items()})
+            export_tflite(art.source.model, example, path, art.precision, cfg.tflite.io)
+            runner = TFLiteRunner(path, cfg.latency_threads)
+        return lambda: runner.run(x)
+
+    def details(self, art, cfg):
+        r = opened(art, cfg)
+        return {"ops": dict(Counter(r.op_names())), "io_dtype": r.io_dtype}
+
+    def float_layers(self, art, cfg):
+        """Compute ops with float inputs when there are fewer integer ones than quantized layers."""
+        if art.precision != "int8":
+            return []
+        r = opened(art, cfg)
+        ops = r.op_names()
+        compute = sum(ops.count(k) for k in COMPUTE_OPS)
+        floats = r.float_ops()
+        return floats if compute - len(floats) < len(quantized_layers(art.source.model)) else []

@@ -42,10 +42,18 @@ def session(path: str | Path, threads: int = 1, optimized_path: str | Path | Non
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def run(sess, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits for all rows of ``x``, in batches."""
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[i : i + batch_size].astype(np.float32)})[0] for i in range(0, len(x), batch_size)]
+def feed(sess, x) -> dict[str, np.ndarray]:
+    """ORT's input dict for named arrays (a lone array goes to the first input); floats as float32."""
+    if not isinstance(x, dict):
+        x = {sess.get_inputs()[0].name: x}
+    return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in x.items()}
+
+
+def run(sess, x, batch_size: int = 256) -> np.ndarray:
+    """Outputs for all rows of ``x`` (an array, or named arrays for several inputs), in batches."""
+    x = feed(sess, x)
+    n = len(next(iter(x.values())))
+    outs = [sess.run(None, {k: v[i : i + batch_size] for k, v in x.items()})[0] for i in range(0, n, batch_size)]
     return np.concatenate(outs)
 
 
@@ -63,6 +71,41 @@ def optimized_op_counts(path: str | Path) -> Counter:
 def fused_int8_ops(path: str | Path) -> dict[str, int]:
     """Integer kernels in ORT's optimised graph; empty means the QDQ graph runs in float."""
     return {k: v for k, v in optimized_op_counts(path).items() if k in INTEGER_KERNELS}
+
+
+FLOAT_KERNELS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "ConvTranspose"}
+
+
+def float_quantized_layers(path: str | Path, layers: list[str]) -> list[str]:
+    """Those of ``layers`` (qualified module names) whose weight still feeds a float Conv/Gemm/MatMul in ORT's
+    optimised graph, i.e. that ONNX Runtime dequantizes and runs in float instead of as an integer kernel."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as d:
+        opt = Path(d) / "optimized.onnx"
+        session(path, optimized_path=opt)
+        graph = onnx.load(str(opt)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    keys = {_flat(layer): layer for layer in layers}
+    slow = []
+    for node in graph.node:
+        if node.op_type not in FLOAT_KERNELS:
+            continue
+        for inp in node.input:
+            dq = producers.get(inp)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+                continue
+            name = _flat(dq.input[0])
+            layer = next((keys[k] for k in sorted(keys, key=len, reverse=True) if name.startswith(k + "weight")), None)
+            if layer is not None and layer not in slow:
+                slow.append(layer)
+    return slow
+
+
+def _flat(name: str) -> str:
+    """A tensor or module name with separators removed (exporters write ``a.b`` as ``a_b`` or ``p_a_b``)."""
+    return name.removeprefix("p_").removeprefix("b_").replace(".", "").replace("_", "")
 
 
 def file_size(path: str | Path) -> int:

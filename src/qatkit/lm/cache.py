@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from qatkit.checkpoint import atomic_write_bytes
+from qatkit.io.checkpoint import atomic_write_bytes
 from qatkit.lm.corpus import split_holdout
 from qatkit.lm.hf import tokenizer_fingerprint
 
@@ -90,7 +90,9 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not a qatkit KD cache manifest (format should be {FORMAT!r})")
     if manifest.get("version") != VERSION:
-        raise CacheError(f"{path} has KD cache version {manifest.get('version')!r}; this qatkit reads version {VERSION}")
+        raise CacheError(
+            f"{path} has KD cache version {manifest.get('version')!r}; this qatkit reads version {VERSION}"
+        )
     missing = [k for k in (*SETTINGS, "shards", "eval_sequences") if k not in manifest]
     if missing:
         raise CacheError(f"corrupt KD cache manifest {path}: missing keys {', '.join(missing)}")
@@ -236,13 +238,17 @@ def build_kd_cache(
         old = read_manifest(out_dir)
         differ = [k for k in SETTINGS if old[k] != manifest[k]]
         if differ:
-            raise CacheError(f"{out_dir} holds a KD cache made with other settings ({', '.join(differ)}); use another folder")
+            raise CacheError(
+                f"{out_dir} holds a KD cache made with other settings ({', '.join(differ)}); use another folder"
+            )
         manifest["shards"] = [s for s in old["shards"] if all((out_dir / f"{s}.{f}.npy").is_file() for f in FIELDS)]
     n_shards = _num_shards(manifest)
     todo = [s for s in range(n_shards) if shard_name(s) not in manifest["shards"]]
     mib = estimate_cache_bytes(N, L, top_k, negatives) / 2**20
-    log(f"KD cache {out_dir}: {N} x {L} tokens, top-{top_k} + {negatives} negatives, about {mib:.1f} MiB; "
-        f"{len(todo)} of {n_shards} shards to compute")
+    log(
+        f"KD cache {out_dir}: {N} x {L} tokens, top-{top_k} + {negatives} negatives, about {mib:.1f} MiB; "
+        f"{len(todo)} of {n_shards} shards to compute"
+    )
     _write_manifest(out_dir, manifest)
     device = next(teacher.parameters()).device
     was_training = teacher.training

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
-from .rules import layer_specs, lut_layers, rebuild_lm, set_trainable
+from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
+from qatkit.lm.rules import layer_specs, lut_layers, rebuild_lm, set_trainable
 
 KIND = "lut-lm"
 
@@ -48,7 +48,7 @@ def apply_lut_checkpoint(model: nn.Module, path: str | Path, tokenizer_fp: str |
 
 def load_lut_model(path: str | Path, base: str | None = None):
     """The base model and tokenizer with the checkpoint's LUT layers: ``(model, tokenizer, metadata)``."""
-    from .hf import load_causal_lm, tokenizer_fingerprint
+    from qatkit.lm.hf import load_causal_lm, tokenizer_fingerprint
 
     meta = read_lut_metadata(path)
     model, tok = load_causal_lm(base or meta["base"])

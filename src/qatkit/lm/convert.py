@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..prepare import name_matches
-from .rules import LMQuantConfig, freeze_q_all, lut_layers, set_trainable
+from qatkit.lm.rules import LMQuantConfig, freeze_q_all, lut_layers, set_trainable
+from qatkit.transform.prepare import name_matches
 
 
 def v1_to_v2(model: nn.Module) -> int:

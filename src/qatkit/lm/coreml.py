@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..export.coreml import export_coreml, inspect_mlpackage, match_weights
-from .pack import snap_model
-from .rules import lut_layers
+from qatkit.export.coreml import export_coreml, inspect_mlpackage, match_weights
+from qatkit.lm.pack import snap_model
+from qatkit.lm.rules import lut_layers
 
 
 class LogitsOnly(nn.Module):

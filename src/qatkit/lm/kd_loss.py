@@ -14,7 +14,9 @@ def candidate_logits(
 ) -> torch.Tensor:
     """Student logits (B, T, C) at candidate ``ids`` (B, T, C) from hidden states (B, T, H) and head weight (V, H)."""
     if hidden.ndim != 3 or ids.ndim != 3 or ids.shape[:2] != hidden.shape[:2]:
-        raise ValueError(f"expected hidden (B, T, H) and ids (B, T, C), got {tuple(hidden.shape)} and {tuple(ids.shape)}")
+        raise ValueError(
+            f"expected hidden (B, T, H) and ids (B, T, C), got {tuple(hidden.shape)} and {tuple(ids.shape)}"
+        )
     if lm_head_weight.ndim != 2 or lm_head_weight.shape[1] != hidden.shape[2]:
         raise ValueError(f"lm_head_weight must be (V, {hidden.shape[2]}), got {tuple(lm_head_weight.shape)}")
     ids = ids.long()

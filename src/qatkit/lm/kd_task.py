@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .kd_loss import candidate_logits, kd_loss
-from .perplexity import from_nll, next_token_nll
+from qatkit.lm.kd_loss import candidate_logits, kd_loss
+from qatkit.lm.perplexity import from_nll, next_token_nll
 
 
 def body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -33,6 +33,8 @@ class KDTask:
 
     val_fields = ["val_loss", "val_kl", "val_top1_agreement", "val_nll", "val_perplexity"]
     val_batch_size = 8
+    monitor = "loss"
+    """The best epoch is the one with the lowest evaluation KD loss (KD has no accuracy)."""
 
     def __init__(self, temperature: float = 2.0, hard_top1: float = 0.2, hard_full: float = 5e-5):
         self.temperature, self.hard_top1, self.hard_full = temperature, hard_top1, hard_full
@@ -51,6 +53,12 @@ class KDTask:
                       teacher_top1_ids=batch["topk_ids"][..., 0].to(device))  # fmt: skip
         out["agree"] = (student.argmax(-1) == 0).float().mean()
         return out, logits
+
+    def lower_is_better(self, metric: str) -> bool:
+        return metric != "top1_agreement"
+
+    def collapse_points(self, metrics: dict) -> float | None:
+        return None  # KD losses have no share metric to watch: the non-finite guards still apply
 
     def loss(self, model: nn.Module, batch: dict, device: str) -> tuple[torch.Tensor, int]:
         out, _ = self.terms(model, batch, device, full=self.hard_full > 0)

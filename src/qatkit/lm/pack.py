@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_write_bytes, load_weights, save_weights
-from ..quant.packing import pack_bits, unpack_bits
-from .rules import bits_per_weight, freeze_q_all, lut_layers, rebuild_lm
+from qatkit.io.checkpoint import CheckpointError, atomic_write_bytes, load_weights, save_weights
+from qatkit.lm.rules import bits_per_weight, freeze_q_all, lut_layers, rebuild_lm
+from qatkit.quant.packing import pack_bits, unpack_bits
 
 FORMAT = "qatkit-packed-lut"
 
@@ -35,7 +35,7 @@ def _code_bits(bits: int) -> int:
 
 def save_packed(folder: str | Path, model: nn.Module, *, base: str, tokenizer) -> dict:
     """Snap (if not yet), pack and write; returns sizes and bits per weight measured on the written file."""
-    from .hf import tokenizer_fingerprint
+    from qatkit.lm.hf import tokenizer_fingerprint
 
     folder = Path(folder)
     snap_model(model)
@@ -101,7 +101,7 @@ def apply_packed(model: nn.Module, folder: str | Path, tokenizer_fp: str | None 
 
 def load_packed(folder: str | Path, base: str | None = None):
     """``(model, tokenizer)``: the base model with the packed LUT layers, ready for inference."""
-    from .hf import load_causal_lm, tokenizer_fingerprint
+    from qatkit.lm.hf import load_causal_lm, tokenizer_fingerprint
 
     config = read_packed_config(folder)
     model, tok = load_causal_lm(base or config["base"])

@@ -14,9 +14,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..config_base import RecipeError, Strict
-from ..nn.lut_linear import LUTLinear, LUTSpec
-from ..prepare import name_matches
+from qatkit.base.config import RecipeError, Strict
+from qatkit.nn.lut_linear import LUTLinear, LUTSpec
+from qatkit.transform.prepare import name_matches
 
 MLP_PATTERNS = ["*.mlp.gate_proj", "*.mlp.up_proj", "*.mlp.down_proj"]
 ATTENTION_PATTERNS = ["*.self_attn.q_proj", "*.self_attn.k_proj", "*.self_attn.v_proj", "*.self_attn.o_proj"]

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import atomic_write_bytes
-from ..stages import newest_checkpoint, seed_everything
-from ..train import fit
-from ..train.helpers import make_loader
-from ..train_config import TrainConfig
-from .cache import KDCache
-from .checkpoint import load_lut_model, save_lut_model
-from .convert import v1_to_v2
-from .hf import load_causal_lm, model_id, tokenizer_fingerprint
-from .kd_task import KDTask
-from .rules import LMQuantConfig, bits_per_weight, lut_layers, prepare_lm, set_trainable
+from qatkit.io.checkpoint import atomic_write_bytes
+from qatkit.lm.cache import KDCache
+from qatkit.lm.checkpoint import load_lut_model, save_lut_model
+from qatkit.lm.convert import v1_to_v2
+from qatkit.lm.hf import load_causal_lm, model_id, tokenizer_fingerprint
+from qatkit.lm.kd_task import KDTask
+from qatkit.lm.rules import LMQuantConfig, bits_per_weight, lut_layers, prepare_lm, set_trainable
+from qatkit.run.stages import newest_checkpoint, seed_everything
+from qatkit.train import fit
+from qatkit.train.config import TrainConfig
+from qatkit.train.helpers import make_loader
 
 STARTS = ("scratch", "v1", "v2")
 
@@ -98,7 +98,7 @@ def lm_train(
     fingerprint = {"task": "kd-lm", "tokenizer": fp, "layers": {n: m.spec.to_dict() for n, m in
                                                                   lut_layers(model).items()}}  # fmt: skip
     res = fit(model, train_ds, eval_ds, train, batch_size=batch_size, seed=seed, run_dir=out, stage="lm",
-              resume=ckpt, fingerprint=fingerprint, progress=progress, task=task)  # fmt: skip
+              resume=ckpt, fingerprint=fingerprint, progress=progress, objective=task)  # fmt: skip
     save_lut_model(out / "model.safetensors", model, base=base_id, tokenizer_fp=fp,
                    extra={"quant": quant.model_dump(mode="json")})  # fmt: skip
     hist = res.history

@@ -1,7 +1,7 @@
 """Module wrappers: FakeQuantizer and quantized Linear / Conv layers."""
 
-from .fake_quantizer import FakeQuantizer
-from .modules import (
+from qatkit.nn.fake_quantizer import FakeQuantizer
+from qatkit.nn.modules import (
     QUANT_MODULES,
     QuantConv1d,
     QuantConv2d,

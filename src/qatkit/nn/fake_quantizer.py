@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..quant.affine import fake_quantize, lsq_fake_quantize, qparams_from_range
-from ..quant.observers import observe
-from ..quant.spec import QuantSpec
+from qatkit.quant.affine import fake_quantize, lsq_fake_quantize, qparams_from_range
+from qatkit.quant.observers import observe
+from qatkit.quant.spec import QuantSpec
 
 
 def num_scales(spec: QuantSpec, shape: tuple[int, ...] | None) -> int:

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..quant.lowrank import FORWARD_MODES, expand_rank, init_scales, lowrank_linear, v1_to_v2, v2_factors
-from ..quant.lut import kmeans_lut, lut_fake_quantize, nearest_index, reduce_lut, ste_fp16
+from qatkit.quant.lowrank import FORWARD_MODES, expand_rank, init_scales, lowrank_linear, v1_to_v2, v2_factors
+from qatkit.quant.lut import kmeans_lut, lut_fake_quantize, nearest_index, reduce_lut, ste_fp16
 
 FORMS = ("v1", "v2")
 SCALE_NAMES = ("scale_a", "scale_b", "a_dir", "b_dir", "magnitude")  # V1: scale_a, scale_b; V2: the other three

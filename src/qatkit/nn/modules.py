@@ -6,12 +6,14 @@ state_dict keys (``fc1.weight`` stays ``fc1.weight``), and converts back with :m
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.spec import QuantSpec
-from .fake_quantizer import FakeQuantizer
+from qatkit.nn.fake_quantizer import FakeQuantizer
+from qatkit.quant.spec import QuantSpec
 
 
 def _clone_module_dict(src: nn.Module) -> dict:
@@ -24,8 +26,11 @@ class QuantModule:
 
     An output quantizer is for a layer whose output feeds no other quantized layer (a conv before pooling):
     it gives the exported graph the Q node that ONNX Runtime needs to run that layer as an int8 kernel.
-    ``fused_relu`` names a ReLU module that followed the layer and was absorbed into it (replaced by Identity),
-    so the output is quantized after the ReLU, as integer kernels compute it (None: no ReLU absorbed).
+    ``fused_bounds`` is an activation absorbed into the layer, as ``(min, max)`` bounds: ``(0, inf)`` a ReLU,
+    ``(0, 6)`` a ReLU6, else a Hardtanh; it is applied before the output quantizer, so the output is quantized
+    after the activation, as integer kernels compute it (None: nothing absorbed). ``fused_relu`` names the
+    absorbed module (replaced by Identity; :func:`qatkit.transform.prepare.unprepare` puts it back), or is None
+    when the activation was a function call (``F.relu``), left in the model: applying it twice changes nothing.
     """
 
     float_type: type[nn.Module]
@@ -33,6 +38,7 @@ class QuantModule:
     input_quant: FakeQuantizer | None
     output_quant: FakeQuantizer | None
     fused_relu: str | None = None
+    fused_bounds: tuple[float, float] | None = None
 
     @classmethod
     def from_float(
@@ -57,6 +63,8 @@ class QuantModule:
         f.__dict__ = _clone_module_dict(self)
         for key in QUANTIZER_ATTRS:
             f._modules.pop(key, None)
+        for key in ("fused_relu", "fused_bounds"):
+            f.__dict__.pop(key, None)
         return f
 
     def quantizers(self) -> list[FakeQuantizer]:
@@ -65,9 +73,17 @@ class QuantModule:
     def quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return self.input_quant(x) if self.input_quant is not None else x
 
+    def fused_activation(self) -> tuple[float, float] | None:
+        """The ``(min, max)`` bounds of the absorbed activation, or None (a wrapper from before ``fused_bounds``
+        existed that names a ``fused_relu`` absorbed a ReLU)."""
+        if self.fused_bounds is not None:
+            return self.fused_bounds
+        return RELU_BOUNDS if self.fused_relu is not None else None
+
     def quant_output(self, y: torch.Tensor) -> torch.Tensor:
-        if self.fused_relu is not None:
-            y = F.relu(y)
+        bounds = self.fused_activation()
+        if bounds is not None:
+            y = F.relu(y) if bounds == RELU_BOUNDS else torch.clamp(y, bounds[0], bounds[1])
         return self.output_quant(y) if self.output_quant is not None else y
 
     def quant_weight(self) -> torch.Tensor:
@@ -95,6 +111,29 @@ class QuantConv2d(QuantModule, nn.Conv2d):
         return self.quant_output(self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias))
 
 
+RELU_BOUNDS: tuple[float, float] = (0.0, math.inf)
+"""``fused_bounds`` of an absorbed ReLU."""
+
+
+def activation_bounds(module: nn.Module) -> tuple[float, float] | None:
+    """The ``(min, max)`` clamp an nn.ReLU / nn.ReLU6 / nn.Hardtanh computes (exact types), else None."""
+    if type(module) is nn.ReLU:
+        return RELU_BOUNDS
+    if type(module) in (nn.ReLU6, nn.Hardtanh):
+        return float(module.min_val), float(module.max_val)
+    return None
+
+
+def activation_module(bounds: tuple[float, float]) -> nn.Module:
+    """The module that computes the clamp ``bounds``: nn.ReLU, nn.ReLU6 or nn.Hardtanh (the inverse of
+    :func:`activation_bounds`, except that a Hardtanh(0, 6) comes back as the identical nn.ReLU6)."""
+    if bounds == RELU_BOUNDS:
+        return nn.ReLU()
+    if bounds == (0.0, 6.0):
+        return nn.ReLU6()
+    return nn.Hardtanh(bounds[0], bounds[1])
+
+
 QUANTIZER_ATTRS = ("weight_quant", "input_quant", "output_quant")
 """Attribute names under which wrappers hold their quantizers (and so their state_dict key segments)."""
 
@@ -110,7 +149,7 @@ REPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def register_quant_module(float_type: type[nn.Module], quant_type: type[QuantModule]) -> None:
-    """Teach :func:`qatkit.prepare` to wrap another float layer type."""
+    """Teach :func:`qatkit.transform.prepare` to wrap another float layer type."""
     QUANT_MODULES[float_type] = quant_type
 
 

@@ -1,6 +1,6 @@
 """Pure quantizer math: functions on tensors, no modules and no recipes."""
 
-from .affine import (
+from qatkit.quant.affine import (
     dequantize_int,
     fake_quantize,
     lsq_fake_quantize,
@@ -8,8 +8,8 @@ from .affine import (
     qparams_from_range,
     quantize_to_int,
 )
-from .observers import OBSERVERS, observe
-from .spec import QuantSpec, qrange
+from qatkit.quant.observers import OBSERVERS, observe
+from qatkit.quant.spec import QuantSpec, qrange
 
 __all__ = [
     "OBSERVERS",

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .affine import fake_quantize, group_view, qparams_from_range
-from .spec import QuantSpec
+from qatkit.quant.affine import fake_quantize, group_view, qparams_from_range
+from qatkit.quant.spec import QuantSpec
 
 RangeFn = Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor]]
 MergeFn = Callable[[torch.Tensor, torch.Tensor, int, QuantSpec], torch.Tensor]

@@ -1,9 +1,10 @@
-"""Training: the loop, LR schedules and metrics."""
+"""Training: the loop, LR schedules, guards, logging."""
 
-from ..train_config import EarlyStopping, TrainConfig
-from .loop import FitResult, evaluate, fit, make_loader, predict
-from .metrics import agreement, classification_metrics
-from .schedules import SCHEDULES
+from qatkit.tasks.base import predict
+from qatkit.tasks.classification import agreement, class_weight_tensor, classification_metrics, evaluate
+from qatkit.train.config import EarlyStopping, TrainConfig
+from qatkit.train.loop import FitResult, fit, make_loader
+from qatkit.train.schedules import SCHEDULES
 
 __all__ = [
     "EarlyStopping",
@@ -11,6 +12,7 @@ __all__ = [
     "FitResult",
     "SCHEDULES",
     "agreement",
+    "class_weight_tensor",
     "classification_metrics",
     "evaluate",
     "fit",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..train_config import GuardConfig
+from qatkit.train.config import GuardConfig
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,7 +68,8 @@ class Guards:
         return self.cfg.noise_sigmas * 100.0 * (p * (1.0 - p) / max(n, 1)) ** 0.5
 
     def collapsed(
-        self, acc_points: float, prev_points: float | None, best_points: float | None, n_val: int
+        self, acc_points: float, prev_points: float | None, best_points: float | None, n_val: int,
+        metric: str = "accuracy",
     ) -> str | None:
         """Why this validation result is a collapse, or None."""
         if not self.cfg.enabled:
@@ -77,12 +78,12 @@ class Guards:
             drop, limit = prev_points - acc_points, max(self.cfg.collapse_drop, self.noise(prev_points, n_val))
             if drop > limit:
                 return (
-                    f"validation accuracy fell {drop:.1f} points in one epoch ({prev_points:.1f} -> {acc_points:.1f})"
+                    f"validation {metric} fell {drop:.1f} points in one epoch ({prev_points:.1f} -> {acc_points:.1f})"
                 )
         if best_points is not None:
             gap, limit = best_points - acc_points, max(self.cfg.collapse_below_best, self.noise(best_points, n_val))
             if gap > limit:
-                return f"validation accuracy is {gap:.1f} points below the best epoch ({best_points:.1f} -> {acc_points:.1f})"
+                return f"validation {metric} is {gap:.1f} points below the best epoch ({best_points:.1f} -> {acc_points:.1f})"
         return None
 
     def record(self, event: Intervention, uses_budget: bool = True) -> dict:

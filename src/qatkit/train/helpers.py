@@ -11,44 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..nn.fake_quantizer import FakeQuantizer
-from .metrics import classification_metrics
+from qatkit.nn.fake_quantizer import FakeQuantizer
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
     """A DataLoader whose shuffling depends only on ``seed`` (for evaluation and calibration)."""
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=num_workers)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and targets over a whole loader, in eval mode."""
-    was = model.training
-    model.eval()
-    logits, targets = [], []
-    for x, y in loader:
-        logits.append(model(x.to(device)).float().cpu())
-        targets.append(y)
-    model.train(was)
-    return torch.cat(logits), torch.cat(targets)
-
-
-def evaluate(model: nn.Module, loader: DataLoader, num_classes: int, device: str = "cpu") -> dict:
-    logits, targets = predict(model, loader, device)
-    return classification_metrics(logits, targets, num_classes)
-
-
-def class_weight_tensor(spec, targets: torch.Tensor, num_classes: int) -> torch.Tensor | None:
-    """``balanced`` -> n / (C * count_c) (as scikit-learn); a list -> that list; None -> None."""
-    if spec is None:
-        return None
-    if spec == "balanced":
-        counts = torch.bincount(targets, minlength=num_classes).float().clamp(min=1)
-        return targets.numel() / (num_classes * counts)
-    if len(spec) != num_classes:
-        raise ValueError(f"class_weights has {len(spec)} values for {num_classes} classes")
-    return torch.tensor(spec, dtype=torch.float32)
 
 
 def param_groups(model: nn.Module, weight_decay: float, quant_lr: float | None = None) -> list[dict]:
@@ -63,11 +32,10 @@ def param_groups(model: nn.Module, weight_decay: float, quant_lr: float | None =
     return groups
 
 
-def score(metrics: dict, monitor: str) -> tuple[float, float]:
-    """Sortable (primary, tie-break) pair where larger is better; ties on accuracy go to lower loss."""
-    if monitor == "loss":
-        return (-metrics["loss"], 0.0)
-    return (metrics[monitor], -metrics["loss"])
+def score(metrics: dict, monitor: str, lower_is_better: bool = False) -> tuple[float, float]:
+    """Sortable (primary, tie-break) pair where larger is better; ties on the monitored metric go to lower loss."""
+    value = -metrics[monitor] if lower_is_better else metrics[monitor]
+    return (value, 0.0 if monitor == "loss" else -metrics["loss"])
 
 
 def snapshot(model, optimizer, scheduler, **position) -> dict:

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..nn.fake_quantizer import FakeQuantizer
-from ..quant.affine import clipped_fraction
-from ..train_config import LoggingConfig
+from qatkit.nn.fake_quantizer import FakeQuantizer
+from qatkit.quant.affine import clipped_fraction
+from qatkit.train.config import LoggingConfig
 
 
 class CsvLog:

@@ -18,31 +18,29 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..nn.fake_quantizer import FakeQuantizer
-from ..train_config import TrainConfig
-from .distributed import DistInfo, GlobalBatchSampler, any_true, current, from_main
-from .guards import Guards, Intervention, TrainingDiverged
-from .helpers import (
+from qatkit.components.splits import targets_of
+from qatkit.nn.fake_quantizer import FakeQuantizer
+from qatkit.tasks import ClassificationTask, Objective, Task, predict
+from qatkit.train.config import TrainConfig
+from qatkit.train.distributed import DistInfo, GlobalBatchSampler, any_true, current, from_main
+from qatkit.train.guards import Guards, Intervention, TrainingDiverged
+from qatkit.train.helpers import (
     ProgressBar,
     StopSignal,
-    class_weight_tensor,
-    evaluate,
     make_loader,
     param_groups,
-    predict,
     restore,
     retain,
     scale_lr,
     score,
     snapshot,
 )
-from .logger import RunLogger
-from .schedules import lr_multiplier
-from .state import load_training_state, read_counters, save_training_state
-from .task import ClassificationTask, Task
+from qatkit.train.logger import RunLogger
+from qatkit.train.schedules import lr_multiplier
+from qatkit.train.state import load_training_state, read_counters, save_training_state
 
-__all__ = ["FitResult", "LoaderOptions", "TrainingInterrupted", "class_weight_tensor", "evaluate", "fit",
-           "make_loader", "param_groups", "predict", "score"]  # fmt: skip
+__all__ = ["FitResult", "LoaderOptions", "TrainingInterrupted", "fit", "make_loader", "param_groups", "predict",
+           "score"]  # fmt: skip
 
 
 class TrainingInterrupted(Exception):
@@ -99,23 +97,25 @@ def fit(
     progress: bool = True,
     on_epoch_start=None,
     task: Task | None = None,
+    objective: Objective | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``cfg.epochs``; keep the weights of the best validation epoch.
 
     With ``run_dir``: ``<stage>_train.csv``, TensorBoard scalars and training-state checkpoints under
     ``run_dir/checkpoints/<stage>/``; ``resume`` continues from such a checkpoint exactly (same weights as an
     uninterrupted run on CPU). ``on_epoch_start(epoch, model)`` is a test hook (e.g. to inject a fault).
-    ``task`` says what a batch is and how to validate (default: classification into ``num_classes``).
+    ``task`` says what is learned (default: classification into ``num_classes``); ``objective`` replaces it
+    with any loss/evaluate pair (the LM distillation task).
     """
     if cfg.epochs == 0:
         return FitResult()
-    if task is None:
-        if num_classes is None:
-            raise ValueError("fit needs num_classes (classification) or a task")
-        targets = torch.as_tensor([int(y) for _, y in train_ds]) if cfg.class_weights == "balanced" else None
-        weight = class_weight_tensor(cfg.class_weights, targets, num_classes)
-        task = ClassificationTask(num_classes, None if weight is None else weight.to(device), cfg.label_smoothing)
-    trainer = _Trainer(model, train_ds, val_ds, cfg, task, batch_size, seed, loader or LoaderOptions(),
+    if objective is None:
+        if task is None:
+            if num_classes is None:
+                raise ValueError("fit needs num_classes (classification), a task or an objective")
+            task = ClassificationTask(num_classes)
+        objective = task.objective(cfg, targets_of(train_ds) if cfg.class_weights == "balanced" else None)
+    trainer = _Trainer(model, train_ds, val_ds, cfg, objective, batch_size, seed, loader or LoaderOptions(),
                        run_dir, stage, resume, fingerprint or {}, device, progress, on_epoch_start)  # fmt: skip
     return trainer.run()
 
@@ -123,7 +123,7 @@ def fit(
 class _Trainer:
     """The state of one stage's training and the steps that change it."""
 
-    def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, task: Task, batch_size, seed, opts, run_dir,
+    def __init__(self, model, train_ds, val_ds, cfg: TrainConfig, task: Objective, batch_size, seed, opts, run_dir,
                  stage, resume, fingerprint, device, progress, on_epoch_start):  # fmt: skip
         self.start = time.perf_counter()
         self.model, self.cfg, self.task, self.device, self.stage = model, cfg, task, device, stage
@@ -162,7 +162,7 @@ class _Trainer:
             self.total = min(self.total, cfg.max_steps)
         if cfg.schedule == "plateau":
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, mode="min" if cfg.monitor == "loss" else "max", factor=cfg.plateau_factor,
+                self.optimizer, mode="min" if task.lower_is_better(task.monitor) else "max", factor=cfg.plateau_factor,
                 patience=cfg.plateau_patience)  # fmt: skip
         else:
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(
@@ -276,8 +276,9 @@ class _Trainer:
         """Validate before training: the reference for collapse, and a candidate for the best weights."""
         self.set_quant_phase()
         m = self.validate()
-        prev = 100 * m["accuracy"] if "accuracy" in m else None
-        self.c.update(best_score=list(score(m, self.cfg.monitor)), best_epoch=0, best_metrics=m, prev_acc=prev)
+        t = self.task
+        self.c.update(best_score=list(score(m, t.monitor, t.lower_is_better(t.monitor))), best_epoch=0, best_metrics=m,
+                      prev_acc=t.collapse_points(m))  # fmt: skip
         row = {"epoch": 0, "step": 0, "lr": self.lr(), **self.val_row(m), "seconds": time.perf_counter() - self.start}
         self.c["history"].append(row)
         self.log.epoch(row, self.model, self.cfg.logging.quantizer_stats)
@@ -421,13 +422,13 @@ class _Trainer:
     def judge(self, m: dict) -> bool:
         """Apply the collapse guard, the plateau schedule and best tracking to one validation result."""
         cfg, c = self.cfg, self.c
-        if "accuracy" not in m:  # the collapse guard needs an accuracy; loss-only tasks keep the other guards
-            self.bar.note(f"val loss {m['loss']:.4f}")
+        monitor = self.task.monitor
+        self.bar.note(f"val {monitor} {m[monitor]:.4f}")
+        acc = self.task.collapse_points(m)
+        if acc is None:  # the collapse guard watches share metrics (accuracy, F1, AUC); the other guards stay on
             return self.track_best(m)
-        acc = 100 * m["accuracy"]
-        self.bar.note(f"val acc {m['accuracy']:.3f}")
-        best_acc = 100 * c["best_metrics"]["accuracy"] if c["best_metrics"] else None
-        why = self.guards.collapsed(acc, c["prev_acc"], best_acc, len(self.val_ds))
+        best_acc = self.task.collapse_points(c["best_metrics"]) if c["best_metrics"] else None
+        why = self.guards.collapsed(acc, c["prev_acc"], best_acc, len(self.val_ds), self.task.monitor)
         if why and self.has_best():
             if self.guards.can_intervene:
                 before, bases = self.lr(), list(getattr(self.scheduler, "base_lrs", []))
@@ -450,8 +451,8 @@ class _Trainer:
         """Plateau schedule and best-epoch tracking; True when this validation is the best so far."""
         cfg, c = self.cfg, self.c
         if cfg.schedule == "plateau":
-            self.scheduler.step(m["loss"] if cfg.monitor == "loss" else m[cfg.monitor])
-        s, best = score(m, cfg.monitor), c["best_score"]
+            self.scheduler.step(m[self.task.monitor])
+        s, best = score(m, self.task.monitor, self.task.lower_is_better(self.task.monitor)), c["best_score"]
         min_delta = cfg.early_stopping.min_delta if cfg.early_stopping else 0.0
         if best is None or s[0] > best[0] + min_delta or (s[0] == best[0] and s[1] > best[1]):
             c.update(best_score=list(s), best_epoch=c["epoch"] + 1, best_metrics=m, bad_epochs=0)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
+from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
 
 
 def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -127,4 +127,3 @@ def load_training_state(
     if restore_rng:
         set_rng_state(meta["rng"], tensors)
     return meta["counters"]
-

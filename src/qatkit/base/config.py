@@ -1,0 +1,77 @@
+"""Shared pieces of every validated config: strict models (unknown keys are errors), the recipe error, and
+validation errors turned into one line per problem that names the field and what is allowed."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used, with the place of the fault in the message."""
+
+
+def one_of(value: str, allowed: typing.Iterable[str], what: str) -> str:
+    """``value`` if it is one of ``allowed``, else a ValueError listing them."""
+    allowed = sorted(allowed)
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+UNION_TAGS: set[str] = set()
+"""Tags of discriminated unions (e.g. one training stage or a list of them); error paths leave them out."""
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if part in UNION_TAGS:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class reached by following ``loc`` from ``cls`` (for listing allowed keys)."""
+    cur: Any = cls
+    for part in loc:
+        if isinstance(part, int) or part in UNION_TAGS:
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        cur = _unwrap_model(cur.model_fields[part].annotation)
+    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
+
+
+def _unwrap_model(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in typing.get_args(ann):
+        found = _unwrap_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
+    """One line per problem: where it is, what is wrong, what is allowed."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(root, loc[:-1])
+            allowed = ", ".join(owner.model_fields) if owner else "?"
+            lines.append(f"{_loc(loc)}: unknown key {loc[-1]!r} (allowed keys: {allowed})")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+            lines.append(f"{_loc(loc)}: {msg}{shown}")
+    return "; ".join(lines)

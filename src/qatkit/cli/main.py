@@ -1,0 +1,166 @@
+"""Command line: ``qatkit run [RECIPE]``, ``qatkit export RUN_DIR``, ``qatkit layers RECIPE``, ``qatkit recipes``
+(LM commands: cli_lm.py).
+
+Errors print one readable line and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from qatkit.cli import lm as cli_lm
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="qatkit: quantization-aware training from float baseline to verified int8 files.",
+)
+console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough that tables do not wrap
+    console.width = 160
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+DEFAULT_RECIPE = "digits_mlp"
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Recipes shipped inside the package, by file stem."""
+    folder = resources.files("qatkit.components") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_recipe(name_or_path: str | None) -> Path:
+    """A recipe file path: an existing file, or the name of a bundled recipe (default: digits_mlp)."""
+    if name_or_path is None:
+        return bundled_recipes()[DEFAULT_RECIPE]
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = bundled_recipes()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    raise FileNotFoundError(
+        f"no recipe file {name_or_path!r} and no bundled recipe of that name (bundled: {', '.join(sorted(bundled))})"
+    )
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    STATE["debug"] = debug
+
+
+@app.command()
+def run(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or bundled recipe name (default: digits_mlp)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: runs/<recipe name>)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="'auto': skip finished stages, continue the interrupted one; or a checkpoint path."
+    ),
+) -> None:
+    """Run FP32 -> PTQ -> QAT -> export -> verify each file in its runtime; write DIR/report.{json,md}.
+
+    Exits 1 if an exported file fails parity (unless the recipe sets export.allow_parity_failure)."""
+    from qatkit.recipe import load_recipe
+    from qatkit.run.pipeline import run as run_pipeline
+    from qatkit.train.loop import TrainingInterrupted
+
+    r = load_recipe(resolve_recipe(recipe))
+    show = not no_progress and console.is_terminal
+    try:
+        run_pipeline(r, out or Path("runs") / r.name, console=console, progress=show, resume=resume)
+    except TrainingInterrupted as e:
+        err_console.print(f"stopped: {e}", highlight=False, soft_wrap=True)
+        sys.exit(130)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (with report.json and checkpoints)."),
+    formats: Optional[list[str]] = typer.Option(
+        None, "--format", "-f", help="onnx, tflite, coreml or packed; repeat for several (default: the recipe's)."
+    ),
+    allow_parity_failure: bool = typer.Option(False, "--allow-parity-failure", help="Exit 0 even if parity fails."),
+) -> None:
+    """Write and verify exported files for a finished run from its checkpoints; update its report."""
+    from qatkit.run.artifacts import check_parity
+    from qatkit.run.export_run import export_run
+
+    report, recipe = export_run(run_dir, formats, console)
+    check_parity(report, allow_parity_failure or recipe.export.allow_parity_failure, console)
+
+
+@app.command()
+def layers(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or bundled recipe name.")) -> None:
+    """Print, without training, which layers each variant of the recipe quantizes and why."""
+    from qatkit.components.datasets import load_data
+    from qatkit.recipe import RecipeError, load_recipe
+    from qatkit.run.pipeline import make_task
+    from qatkit.run.rebuild import float_model
+    from qatkit.transform.fold import fold_batchnorm
+    from qatkit.transform.prepare import plan
+
+    r = load_recipe(resolve_recipe(recipe))
+    data = load_data(r.data, r.task.name, r.seed, r.base_dir)
+    task = make_task(r, data)
+    for v in r.variants:
+        model = float_model(r.model, r.base_dir, data.input_shape, task.num_outputs(), False)
+        if r.fp32.fold_batchnorm:
+            fold = fold_batchnorm(model)
+            if v is r.variants[0]:
+                console.print("\n".join(fold.lines()), highlight=False)
+        try:
+            report, _ = plan(model, v.quant)
+        except RecipeError as e:
+            raise RecipeError(f"variant {v.name!r}: {e}") from None
+        table = report.rich_table()
+        table.title = f"{v.name}: {report.summary()}"
+        console.print(table)
+
+
+@app.command()
+def recipes() -> None:
+    """List the bundled recipes."""
+    from qatkit.recipe import load_recipe
+
+    for name, path in sorted(bundled_recipes().items()):
+        r = load_recipe(path)
+        mark = " (default)" if name == DEFAULT_RECIPE else ""
+        console.print(f"[bold]{name}[/]{mark}: {r.description.strip().splitlines()[0] if r.description else ''}")
+
+
+cli_lm.register(app)
+
+
+def main() -> None:
+    """Entry point: usage errors are typer's (exit 2); expected failures print one line and exit 2; a parity
+    failure of an exported file exits 1."""
+    from qatkit.io.checkpoint import CheckpointError
+    from qatkit.recipe import RecipeError
+    from qatkit.run.artifacts import ParityError
+
+    expected = (RecipeError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError, ImportError)
+    debug = "--debug" in sys.argv
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            raise
+        known = isinstance(e, expected)
+        msg = str(e) if known else f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
+        err_console.print(f"[bold red]error:[/] {' '.join(msg.split())}", highlight=False, soft_wrap=True)
+        sys.exit(1 if isinstance(e, ParityError) or not known else 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""What the recipe's ``export`` section says: which formats and precisions to write, and the parity limits."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+
+from qatkit.base.config import Strict, one_of
+
+FORMATS = ("onnx", "tflite", "coreml", "packed")
+
+
+class TFLiteExport(Strict):
+    """LiteRT files: ``fp32``, ``fp16`` and ``dynamic_int8`` come from the float model, ``int8`` (full integer,
+    the source's own scales) from each quantized model; ``io`` is the int8 files' input/output type."""
+
+    precisions: list[Literal["fp32", "fp16", "dynamic_int8", "int8"]] = Field(
+        default_factory=lambda: ["fp32", "dynamic_int8", "int8"]
+    )
+    io: Literal["float", "int8"] = "float"
+
+
+class CoreMLExport(Strict):
+    """Core ML files: ``fp16`` from the float model, ``int8`` (weights on the source's own scales) from each
+    quantized model."""
+
+    precisions: list[Literal["fp16", "int8"]] = Field(default_factory=lambda: ["fp16", "int8"])
+
+
+class ExportConfig(Strict):
+    """Which files to write and verify, and when a file counts as a parity failure."""
+
+    formats: list[str] = Field(default_factory=lambda: ["onnx"])
+    """Registered formats (export/formats.py): onnx, tflite, coreml, packed."""
+    tflite: TFLiteExport = Field(default_factory=TFLiteExport)
+    coreml: CoreMLExport = Field(default_factory=CoreMLExport)
+    min_agreement: float = Field(0.99, ge=0, le=1)
+    """Top-1 agreement with the source model below which an integer file fails parity."""
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1)
+    """Drop of the task's primary metric (accuracy; R² for regression) below the source model beyond which any
+    file fails parity."""
+    max_rel_error: float = Field(0.05, gt=0)
+    """Regression: relative error of an integer file's outputs (RMS difference / spread of the source's outputs)
+    above which it fails parity."""
+    allow_parity_failure: bool = False
+    """Report parity failures but let ``qatkit run`` exit 0."""
+    latency_batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 64])
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: list[str]) -> list[str]:
+        from qatkit.export import EXPORTERS
+
+        return list(dict.fromkeys(one_of(f, EXPORTERS, "export format") for f in v))
+
+    latency_threads: int = Field(1, ge=1)
+    latency_seconds: float = Field(0.5, gt=0)

@@ -1,0 +1,95 @@
+"""``qatkit export RUN_DIR``: write and verify exported files for a finished run, from its checkpoints.
+
+The run's report.json gives the recipe; every stage checkpoint (fp32, each variant's ptq and qat) is loaded into
+a model built and prepared as in the run, evaluated again on the test split (the reference for agreement), and
+exported in the asked formats. Rows of those formats in the report are replaced; the rest are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from qatkit.components.datasets import load_data
+from qatkit.components.splits import all_inputs, targets_of
+from qatkit.export.config import ExportConfig
+from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata
+from qatkit.recipe import Recipe, parse_recipe
+from qatkit.run.artifacts import Source, check_extras, verify_artifacts, write_artifacts
+from qatkit.run.pipeline import make_task
+from qatkit.run.rebuild import build_info, float_model, load_packed_model
+from qatkit.run.report import Report
+from qatkit.tasks import predict
+from qatkit.train import make_loader
+from qatkit.transform.prepare import prepare
+
+
+def _load(model: torch.nn.Module, path: Path, stage: str) -> torch.nn.Module:
+    state = load_weights(path, expect={"stage": stage})
+    check_state_fits(path, model.state_dict(), state)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def run_sources(run_dir: Path, recipe, data, task, console: Console | None = None) -> list[Source]:
+    """The run's models, rebuilt from their checkpoints, with their test outputs (missing stages are named)."""
+    test = make_loader(data.test, 512, False)
+    fp32_path = run_dir / "fp32.safetensors"
+    if not fp32_path.is_file():
+        raise CheckpointError(f"{run_dir}: no fp32.safetensors (not a qatkit run folder, or the run did not finish)")
+    folded = bool(read_metadata(fp32_path).get("folded"))
+    shape, n_out = data.input_shape, task.num_outputs()
+
+    def new_model() -> torch.nn.Module:
+        return float_model(recipe.model, recipe.base_dir, shape, n_out, folded)
+
+    sources = [Source("fp32", "fp32", _load(new_model(), fp32_path, "fp32"), None)]
+    for v in recipe.variants:
+        for stage in ("ptq", "qat"):
+            path = run_dir / f"{v.name}_{stage}.safetensors"
+            if not path.is_file():
+                if console is not None and (stage == "ptq" or v.qat is not None):
+                    console.print(f"[yellow]warning:[/] no {path.name}: {v.name} {stage} is not exported")
+                continue
+            model = new_model()
+            prepare(model, v.quant)
+            build = build_info(recipe.model, recipe.base_dir, shape, n_out, folded, v.quant)
+            sources.append(Source(v.name, stage, _load(model, path, f"{v.name}/{stage}"), None, build, load_packed_model))
+    for s in sources:
+        s.outputs, _ = predict(s.model, test)
+    return sources
+
+
+def export_run(
+    run_dir: str | Path, formats: list[str] | None = None, console: Console | None = None
+) -> tuple[Report, Recipe]:
+    """Export a finished run's models in ``formats`` (default: the recipe's), verify them, update its report.
+    Returns the report and the recipe (with the formats used)."""
+    run_dir = Path(run_dir)
+    console = console or Console()
+    report_path = run_dir / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no report.json (not a finished qatkit run)")
+    saved = json.loads(report_path.read_text())
+    export = saved["recipe"].get("export", {})
+    if "onnx" in export:  # reports written before export.formats existed had export.onnx: bool
+        export["formats"] = ["onnx"] if export.pop("onnx") else []
+    recipe = parse_recipe(saved["recipe"], str(report_path))
+    if formats:
+        recipe.export = ExportConfig.model_validate({**recipe.export.model_dump(), "formats": formats})
+    check_extras(recipe.export)
+    data = load_data(recipe.data, recipe.task.name, recipe.seed, recipe.base_dir)
+    task = make_task(recipe, data)
+    sources = run_sources(run_dir, recipe, data, task, console)
+    report = Report.from_dict(saved)
+    report.rows = [r for r in report.rows if r.runtime == "pytorch" or r.format not in recipe.export.formats]
+    spec, x = all_inputs(data.test)
+    arts = write_artifacts(sources, recipe.export, run_dir, spec, x, console)
+    verify_artifacts(arts, spec, x, targets_of(data.test), task, recipe.export, report)
+    report.write(run_dir)
+    console.print(report.rich_table())
+    console.print(f"report: {run_dir / 'report.md'}")
+    return report, recipe

@@ -1,0 +1,108 @@
+"""Training-stage configuration (a recipe section): optimiser, schedule, guards, checkpoints, logging."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+
+from qatkit.base.config import UNION_TAGS, Strict, one_of
+
+
+class EarlyStopping(Strict):
+    patience: int = Field(10, ge=1)
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class GuardConfig(Strict):
+    """Automatic recovery from divergence (seed 002) and accuracy collapse (seed 000)."""
+
+    enabled: bool = True
+    nonfinite_skips: int = Field(3, ge=1)
+    """Consecutive non-finite steps skipped before rolling back to the last good checkpoint."""
+    collapse_drop: float = Field(5.0, gt=0)
+    """Validation metric drop in one epoch (points, i.e. percent for accuracy) that counts as a collapse."""
+    collapse_below_best: float = Field(10.0, gt=0)
+    """Distance below the best epoch so far (points) that counts as a collapse."""
+    noise_sigmas: float = Field(3.0, ge=0)
+    """A drop must also exceed this many standard errors of the validation accuracy (sqrt(p(1-p)/n)), so a
+    one-sample wobble on a small validation set is not taken for a collapse."""
+    lr_factor: float = Field(0.5, gt=0, lt=1)
+    max_interventions: int = Field(3, ge=0)
+
+
+class CheckpointConfig(Strict):
+    """Training-state checkpoints: ``last`` and ``best`` every epoch, plus every N optimiser steps."""
+
+    every_steps: int = Field(0, ge=0)
+    keep: int = Field(3, ge=1)
+
+
+class LoggingConfig(Strict):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "qatkit"
+    quantizer_stats: bool = True
+    step_csv: bool = Field(False, description="also write <stage>_steps.csv: loss, lr, grad norm every step")
+
+
+class TrainConfig(Strict):
+    """One training stage: optimiser, schedule, regularisation, stopping, guards, checkpoints, logging."""
+
+    name: str | None = None
+    epochs: int = Field(20, ge=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimiser steps (None: epochs)")
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: str = "constant"
+    warmup_epochs: float = Field(0.0, ge=0)
+    end_lr: float = Field(0.0, ge=0)
+    power: float = Field(1.0, gt=0)
+    step_epochs: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    plateau_patience: int = Field(10, ge=1)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    grad_clip_value: float | None = Field(None, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: Literal["balanced"] | list[float] | None = None
+    monitor: str | None = None
+    """The validation metric that picks the best epoch and drives early stopping, the plateau schedule and the
+    collapse guard; any metric of the task (default: accuracy for classes, loss for regression)."""
+    early_stopping: EarlyStopping | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    validation: bool = True
+    quantize: bool = True
+    fake_quant_delay_steps: int = Field(0, ge=0)
+    freeze_observers_after_steps: int | None = Field(None, ge=0)
+    quant_lr: float | None = Field(None, gt=0)
+    guards: GuardConfig = Field(default_factory=GuardConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        from qatkit.train.schedules import SCHEDULES
+
+        return one_of(v, list(SCHEDULES) + ["plateau"], "schedule")
+
+    @model_validator(mode="after")
+    def _plateau_needs_validation(self) -> TrainConfig:
+        if self.schedule == "plateau" and not self.validation:
+            raise ValueError("schedule 'plateau' needs validation: true")
+        return self
+
+
+STAGE_TAGS = ("one-stage", "stages")
+UNION_TAGS.update(STAGE_TAGS)
+"""Union tags of :data:`Stages`; error messages leave them out of field paths."""
+
+Stages = Annotated[
+    Union[Annotated[TrainConfig, Tag("one-stage")], Annotated[list[TrainConfig], Tag("stages")]],  # noqa: UP007
+    Discriminator(lambda v: "stages" if isinstance(v, list) else "one-stage"),
+]
+"""One training stage, or a list of stages run one after another."""

@@ -1,0 +1,161 @@
+"""The user's own model, data and task through `qatkit run`: import targets, .npz data with keyword inputs,
+binary and regression tasks, every export format on multi-input models, and the errors of bad targets."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from qatkit.base.config import RecipeError
+from qatkit.recipe import load_recipe
+from qatkit.run.pipeline import run
+
+TWO_INPUT_MODEL = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class PixelNet(nn.Module):
+        def __init__(self, hidden: int = 16, outputs: int = 1):
+            super().__init__()
+            self.xz_dense1 = nn.Linear(6, hidden)
+            self.yl_dense1 = nn.Linear(4, hidden)
+            self.merged = nn.Linear(2 * hidden, hidden)
+            self.output_dense = nn.Linear(hidden, outputs)
+
+        def forward(self, xz, yl):
+            h = torch.cat([torch.relu(self.xz_dense1(xz)), torch.relu(self.yl_dense1(yl))], dim=1)
+            return self.output_dense(torch.relu(self.merged(h)))
+    """
+)
+
+
+def _pixels(path, n=240, regression=False, seed=0):
+    g = np.random.default_rng(seed)
+    xz, yl = g.normal(size=(n, 6)).astype(np.float32), g.normal(size=(n, 4)).astype(np.float32)
+    signal = xz[:, 0] * yl[:, 1] + xz[:, 2] - 0.5 * yl[:, 0]
+    y = signal.astype(np.float32) if regression else (signal > 0).astype(np.int64)
+    np.savez(path, x_xz=xz, x_yl=yl, y=y)
+
+
+def _recipe(folder, task, formats, monitor):
+    r = {
+        "name": f"pixels_{task}",
+        "task": task,
+        "data": {"path": "pixels.npz", "batch_size": 32, "val_fraction": 0.2, "test_fraction": 0.25},
+        "model": {"target": "pixel_model:PixelNet", "args": {"hidden": 16}},
+        "fp32": {"train": {"epochs": 4, "lr": 0.01, "monitor": monitor}},
+        "variants": [{"name": "w8a8", "quant": "int8", "ptq": {"calib_batches": 2}, "qat": {"epochs": 1, "lr": 1e-3}}],
+        "export": {"formats": formats, "latency_batches": [1, 8], "latency_seconds": 0.02,
+                   "tflite": {"precisions": ["fp32", "int8"]}, "allow_parity_failure": True},
+    }  # fmt: skip
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+@pytest.fixture()
+def user_folder(tmp_path):
+    folder = tmp_path / "my_project"
+    folder.mkdir()
+    (folder / "pixel_model.py").write_text(TWO_INPUT_MODEL)
+    return folder
+
+
+@pytest.mark.slow
+def test_two_input_binary_model_runs_end_to_end_with_every_runnable_format(user_folder, tmp_path, monkeypatch):
+    """Keyword inputs from x_xz / x_yl, one sigmoid logit; ONNX, LiteRT and packed files run and agree."""
+    _pixels(user_folder / "pixels.npz")
+    monkeypatch.chdir(tmp_path)  # the recipe's own folder must be what makes pixel_model importable
+    recipe = load_recipe(_recipe(user_folder, "binary", ["onnx", "tflite", "packed"], "roc_auc"))
+    report = run(recipe, tmp_path / "out", progress=False)
+    rows = {(r.variant, r.stage, r.format, r.precision): r for r in report.rows}
+    fp32 = rows[("fp32", "fp32", "pytorch", None)]
+    assert fp32.metrics["roc_auc"] > 0.8 and "pr_auc" in fp32.metrics
+    for key in [("fp32", "fp32", "onnx", "fp32"), ("w8a8", "qat", "onnx", "int8"), ("fp32", "fp32", "tflite", "fp32"),
+                ("w8a8", "qat", "tflite", "int8"), ("w8a8", "qat", "packed", "packed-int8")]:  # fmt: skip
+        row = rows[key]
+        assert row.parity == "ok", (key, row.parity)
+        assert row.agreement >= 0.97
+    assert rows[("w8a8", "qat", "onnx", "int8")].latency_ms.keys() == {"1", "8"}
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["data"]["inputs"] == {"xz": "(6,) float32", "yl": "(4,) float32"}
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "ROC-AUC" in md and "keyword arguments" in md
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "out" / "onnx" / "w8a8_qat.onnx")).graph
+    assert [i.name for i in graph.input] == ["xz", "yl"]
+
+
+@pytest.mark.slow
+def test_regression_model_reports_r2_and_relative_error(user_folder, tmp_path):
+    _pixels(user_folder / "pixels.npz", regression=True)
+    recipe = load_recipe(_recipe(user_folder, "regression", ["onnx"], "r2"))
+    report = run(recipe, tmp_path / "out", progress=False)
+    fp32 = report.find("fp32", "fp32", "pytorch")
+    assert set(fp32.metrics) == {"loss", "mae", "r2"} and fp32.metrics["r2"] > 0.5
+    onnx_q = next(r for r in report.rows if r.format == "onnx" and r.variant == "w8a8" and r.stage == "qat")
+    assert 0 <= onnx_q.agreement < 0.05 and onnx_q.parity == "ok"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "R²" in md and "rel. error %" in md
+
+
+def test_exported_onnx_of_a_two_input_model_matches_pytorch(user_folder, tmp_path):
+    """ORT outputs of the float graph equal the PyTorch model's on the same two named inputs."""
+    import sys
+
+    from qatkit import export_onnx
+    from qatkit.export import verify
+
+    sys.path.insert(0, str(user_folder))
+    try:
+        from pixel_model import PixelNet
+    finally:
+        sys.path.remove(str(user_folder))
+    torch.manual_seed(0)
+    model = PixelNet().eval()
+    xz, yl = torch.randn(5, 6), torch.randn(5, 4)
+    export_onnx(model, (xz, yl), tmp_path / "m.onnx")
+    sess = verify.session(tmp_path / "m.onnx")
+    got = verify.run(sess, {"input0": xz.numpy(), "input1": yl.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), model(xz, yl).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_targets_are_one_line_errors(user_folder):
+    from qatkit.components.imports import import_target
+
+    with pytest.raises(RecipeError, match="cannot import 'no_such_module'"):
+        import_target("no_such_module:Net", user_folder, "model.target")
+    with pytest.raises(RecipeError, match="has no 'Nett'.*PixelNet"):
+        import_target("pixel_model:Nett", user_folder, "model.target")
+    (user_folder / "broken.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(RecipeError, match="importing 'broken' failed: RuntimeError: boom"):
+        import_target("broken:Net", user_folder, "model.target")
+    from qatkit.components.models import make_model
+    from qatkit.recipe import ModelConfig
+
+    with pytest.raises(RecipeError, match="bad args"):
+        make_model(ModelConfig(target="pixel_model:PixelNet", args={"width": 3}), (6,), 1, user_folder)
+
+
+def test_pickled_checkpoint_is_refused_with_how_to_convert(tmp_path):
+    from qatkit.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match=r"fp32.checkpoint: model.pt is a pickle.*safetensors"):
+        parse_recipe({"variants": [{"name": "a", "quant": "int8"}], "fp32": {"checkpoint": "model.pt"}})
+
+
+def test_monitor_must_be_a_metric_of_the_task():
+    from qatkit.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match="monitor: 'accuracy' is not a metric of task 'regression'"):
+        parse_recipe({"task": "regression", "variants": [{"name": "a", "quant": "int8"}],
+                      "fp32": {"train": {"monitor": "accuracy"}}})  # fmt: skip
+    parse_recipe({"task": "binary", "variants": [{"name": "a", "quant": "int8"}],
+                  "fp32": {"train": {"monitor": "roc_auc"}}})  # fmt: skip
