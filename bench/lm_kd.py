@@ -28,7 +28,7 @@ from qatkit.lm.pack import load_packed, save_packed, snap_model
 from qatkit.lm.perplexity import perplexity
 from qatkit.lm.rules import LMQuantConfig, bits_per_weight, prepare_lm
 from qatkit.lm.train import lm_train
-from qatkit.train_config import TrainConfig
+from qatkit.train.config import TrainConfig
 
 LICENCES = Path("/usr/share/common-licenses")
 HELD_OUT = ["GFDL-1.2", "GFDL-1.3", "MPL-1.1", "MPL-2.0"]
@@ -63,9 +63,13 @@ def main() -> None:
     ap.add_argument("--preset", default="Q2_A4")
     ap.add_argument("--eval-windows", type=int, default=0, help="use only the first N held-out windows (0: all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--corpus", choices=["licences", "licences+copyright"], default="licences",
-                    help="KD corpus: the licence texts not held out, plus (licences+copyright) the Debian "
-                         "/usr/share/doc/*/copyright files that do not mention a held-out licence")
+    ap.add_argument(
+        "--corpus",
+        choices=["licences", "licences+copyright"],
+        default="licences",
+        help="KD corpus: the licence texts not held out, plus (licences+copyright) the Debian "
+        "/usr/share/doc/*/copyright files that do not mention a held-out licence",
+    )
     ap.add_argument("--max-sequences", type=int, default=0, help="cap on KD cache windows (0: all)")
     ap.add_argument("--no-normalizer-grad", action="store_true", help="rules with normalizer_grad: false")
     ap.add_argument("--reuse-run", action="store_true", help="skip training if WORK/run/summary.json exists")

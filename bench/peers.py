@@ -30,13 +30,13 @@ from torch import nn
 
 import qatkit
 from qat_overhead import Trainer, environment, ratio_spread, step_breakdown, time_steps
-from qatkit.data import DataSplits, load_basic_motions, load_digits
+from qatkit.components.datasets import DataSplits, load_basic_motions, load_digits
+from qatkit.components.models import MLP, CNN1d, CNN2d, TinyTransformer
 from qatkit.export import verify
 from qatkit.export.onnx import export_onnx, quiet
-from qatkit.fold import fold_batchnorm
-from qatkit.models import MLP, CNN1d, CNN2d, TinyTransformer
 from qatkit.train import TrainConfig, evaluate, fit, make_loader
-from qatkit.train_config import LoggingConfig
+from qatkit.train.config import LoggingConfig
+from qatkit.transform.fold import fold_batchnorm
 
 BITS: dict[str, int] = {"W8A8": 8, "W4A8": 4, "W2A8": 2}
 """Weight bit widths compared; activations are 8-bit for every tool."""
@@ -146,7 +146,7 @@ def count_layers(model: nn.Module) -> int:
 def run_qatkit(fp: nn.Module, data: DataSplits, case: Case, bits: int, s: Settings, qat: bool) -> Prepared:
     """qatkit prepare + calibrate, then (QAT) fit with the shared budget."""
     model = copy.deepcopy(fp)
-    report = qatkit.prepare(model, qatkit_recipe(bits))
+    report = qatkit.transform.prepare(model, qatkit_recipe(bits))
     qatkit.calibrate(model, make_loader(data.train, case.batch_size, False), s.calib_batches)
     best = shared_fit(model, data, case, s) if qat else None
     return model, len(report.quantized), best
@@ -155,7 +155,7 @@ def run_qatkit(fp: nn.Module, data: DataSplits, case: Case, bits: int, s: Settin
 def run_out_q(fp: nn.Module, data: DataSplits, case: Case, s: Settings) -> Prepared:
     """qatkit W8A8 PTQ quantizing layer inputs only (no output quantizers): the export-speed reference."""
     model = copy.deepcopy(fp)
-    report = qatkit.prepare(model, qatkit_recipe(8, outputs="rules"))
+    report = qatkit.transform.prepare(model, qatkit_recipe(8, outputs="rules"))
     qatkit.calibrate(model, make_loader(data.train, case.batch_size, False), s.calib_batches)
     return model, len(report.quantized), None
 

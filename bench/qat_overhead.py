@@ -36,10 +36,10 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import qatkit
-from qatkit.data import load_digits
+from qatkit.components.datasets import load_digits
+from qatkit.components.models import MLP
 from qatkit.export import verify
 from qatkit.export.onnx import export_onnx
-from qatkit.models import MLP
 
 W2A8: dict[str, Any] = {"rules": [{"types": ["Linear"], "weight": {"bits": 2}, "activation": {"bits": 8}}]}
 """2-bit per-channel weights, 8-bit activations: the low-bit rule from the brief."""
@@ -173,7 +173,7 @@ def make_cases(block_act: str) -> list[Case]:
 def quantized_copy(case: Case, recipe: str | dict[str, Any]) -> nn.Module:
     """A prepared and calibrated copy of the case's float model (the float model is left untouched)."""
     model = copy.deepcopy(case.model)
-    qatkit.prepare(model, recipe)
+    qatkit.transform.prepare(model, recipe)
     qatkit.calibrate(model, case.calib, len(case.calib))
     return model
 

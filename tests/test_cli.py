@@ -57,7 +57,7 @@ def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
 
     # the packed file alone rebuilds the QAT model: same test accuracy as the run's PyTorch row
     from qatkit.components.datasets import load_dataset
-    from qatkit.run.rebuild import load_packed_model
+    from qatkit.runner.rebuild import load_packed_model
     from qatkit.train import classification_metrics, make_loader, predict
 
     data = load_dataset("digits", 0.15, 0)
@@ -78,9 +78,10 @@ def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
 
 
 def test_parity_failure_exits_nonzero_unless_allowed(tmp_path):
-    # int8 inputs/outputs need quantized logits; w4a8 leaves them float, so that export fails -> parity fails
+    # int8 inputs/outputs need quantized logits; `outputs: rules` leaves them float, so that export fails
     export = {"formats": ["tflite"], "tflite": {"precisions": ["int8"], "io": "int8"}, "latency_batches": [1]}
-    recipe = dict(TINY, export=export)
+    variant = dict(TINY["variants"][0], quant={"preset": "w4a8", "outputs": "rules"})
+    recipe = dict(TINY, export=export, variants=[variant])
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(recipe))
     r = qatkit("run", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "o"), "--no-progress")
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0

@@ -100,7 +100,7 @@ def test_tflite_refuses_what_it_cannot_build(trained, tmp_path):
     with pytest.raises(ValueError, match="not one of"):
         export_tflite(fp32, x, tmp_path / "a.tflite", "int4")
     plain = copy.deepcopy(fp32)
-    prepare(plain, "int8")  # logits left float: int8 outputs are impossible, and the error says what to add
+    prepare(plain, {"preset": "int8", "outputs": "rules"})  # logits float: int8 outputs impossible, error says what to add
     calibrate(plain, make_loader(data.train, 8, True), 1)
     with pytest.raises(ValueError, match="add `output: {}` to a rule matching layer"):
         export_tflite(plain, x, tmp_path / "b.tflite", "int8", io="int8")
@@ -181,7 +181,7 @@ def test_missing_extra_is_named(monkeypatch, tmp_path):
         export_coreml(model, torch.zeros(1, 1, 8, 8), tmp_path / "a.mlpackage")
     # a run asking for the format is refused before any training
     from qatkit.recipe import ExportConfig
-    from qatkit.run.artifacts import check_extras
+    from qatkit.runner.artifacts import check_extras
 
     check_extras(ExportConfig(formats=["onnx", "packed"]))
     with pytest.raises(ImportError, match=r"TFLite export .*qatkit\[tflite\]"):

@@ -1,14 +1,20 @@
-"""BatchNorm folding found by torch.fx: attribute-style models fold, every BatchNorm left has its reason, and an
-untraceable model falls back to the nn.Sequential rule. Folded models compute what the originals did (eval mode)."""
+"""Graph-level transforms. BatchNorm folding found by torch.fx: attribute-style models fold, every BatchNorm left
+has its reason, and an untraceable model falls back to the nn.Sequential rule; folded models compute what the
+originals did (eval mode). ``outputs: where_needed`` (the default): ReLU6 / Hardtanh absorbed like ReLU, in
+fake quantization, unprepare, ONNX and Core ML; ``output: false``; the untraceable fallback."""
 
+import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qatkit import RecipeError, calibrate, prepare, set_fake_quant, unprepare
 from qatkit.transform.fold import FoldReport, fold_batchnorm
+from qatkit.transform.rules import parse_quant
 
 
 def _with_running_stats(model: nn.Module) -> nn.Module:
@@ -224,3 +230,141 @@ def test_report_works_where_a_list_of_names_did():
     assert json.loads(json.dumps(again.to_dict())) == {"folded": [], "left": {}, "traced": True, "trace_error": None}
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     assert not fold_batchnorm(plain) and fold_batchnorm(plain).lines() == []
+
+
+class Clamps(nn.Module):
+    """Each kind of clamp after a layer whose output feeds float, and a ReLU6 between two quantized layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()
+        self.c2, self.a2 = nn.Conv2d(8, 8, 3, padding=1), nn.Hardtanh(-1.5, 2.0)
+        self.c3 = nn.Conv2d(8, 16, 1)
+        self.fc1, self.a4 = nn.Linear(16, 16), nn.ReLU6()
+        self.fc2, self.a5 = nn.Linear(16, 16), nn.Hardtanh(0.5, 2.0)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.avg_pool2d(self.a1(self.c1(x)), 2)  # c1 absorbs the ReLU6 module
+        x = F.max_pool2d(self.a2(self.c2(x)), 2)  # c2 absorbs the Hardtanh module
+        x = F.relu6(self.c3(x)).mean((2, 3))  # c3 applies the relu6 call before its output quantizer too
+        x = self.a4(self.fc1(x))  # fc1 feeds fc2's input quantizer through the ReLU6: no output quantizer
+        return self.head(self.a5(self.fc2(x)))  # a clamp that excludes 0 is not absorbed: fc2 quantizes before it
+
+
+def _clamps():
+    torch.manual_seed(0)
+    model, x = Clamps().eval(), 10 * torch.randn(64, 3, 8, 8)  # ranges large enough to saturate every clamp
+    return model, x, model(x).detach()
+
+
+def test_relu6_and_hardtanh_are_absorbed_like_relu(tmp_path):
+    from qatkit.export import verify
+    from qatkit.export.onnx import export_onnx
+    from qatkit.export.qdq import to_qdq
+
+    model, x, reference = _clamps()
+    report = prepare(model, "int8")  # outputs: where_needed is the default
+    assert {r.name: r.output for r in report.rows} == {
+        "c1": "uint8 tensor after ReLU6", "c2": "uint8 tensor after Hardtanh", "c3": "uint8 tensor after relu6()",
+        "fc1": "float", "fc2": "uint8 tensor", "head": "uint8 tensor"}  # fmt: skip
+    assert report.fused_relus == {"c1": "a1", "c2": "a2"}
+    assert report.fused_bounds == {"c1": (0.0, 6.0), "c2": (-1.5, 2.0), "c3": (0.0, 6.0)}
+    assert isinstance(model.a1, nn.Identity) and isinstance(model.a2, nn.Identity)
+    assert type(model.a4) is nn.ReLU6 and type(model.a5) is nn.Hardtanh
+    assert (model.c2.fused_relu, model.c2.fused_bounds) == ("a2", (-1.5, 2.0)) and model.c3.fused_relu is None
+    set_fake_quant(model, False)  # the same function in float: each clamp now runs inside its layer
+    torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+    set_fake_quant(model, True)
+    calibrate(model, [x], 1)
+    twin = copy.deepcopy(model)
+    assert (twin.c2.fused_relu, twin.c2.fused_bounds) == ("a2", (-1.5, 2.0))
+    assert torch.equal(twin(x), model(x))
+
+    path = export_onnx(model, x[:2], tmp_path / "m.onnx")
+    fused = verify.fused_int8_ops(path)
+    assert fused["QLinearConv"] == 3 and sum(fused.values()) == 6  # every layer runs as an integer kernel
+    step = float(model.head.output_quant.scale)
+    assert np.abs(verify.run(verify.session(path), x.numpy()) - model(x).detach().numpy()).max() <= 2.01 * step
+
+    # the calibrated output grids end within half a step of the clamps: a Clip would change nothing, so the Q/DQ
+    # form leaves it out; a grid that reaches further keeps it
+    assert to_qdq(model).c2.bounds is None and to_qdq(model).c1.bounds is None
+    model.c2.output_quant.update_range(torch.tensor([-4.0, 4.0]))
+    qdq = to_qdq(model)
+    assert qdq.c2.bounds == (-1.5, 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(qdq(x), model(x), atol=2.01 * step, rtol=0)
+
+    unprepare(model)
+    assert type(model.a1) is nn.ReLU6 and type(model.a2) is nn.Hardtanh
+    assert (model.a2.min_val, model.a2.max_val) == (-1.5, 2.0)
+    assert not hasattr(model.c2, "fused_bounds")
+    torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_coreml_layers_keep_the_absorbed_clamp():
+    pytest.importorskip("coremltools")
+    from qatkit.export.coreml import for_coreml
+
+    model, x, _ = _clamps()
+    prepare(model, {"preset": "int8", "rules": [{"match": "c2", "weight": None, "activation": {}}]})
+    calibrate(model, [x], 1)
+    plain = for_coreml(model, "int8")
+    assert [type(m) for m in plain.c1] == [nn.Conv2d, nn.ReLU6]
+    assert [type(m) for m in plain.c2] == [nn.Conv2d, nn.Hardtanh] and plain.c2[1].min_val == -1.5  # float weight
+    assert [type(m) for m in plain.c3] == [nn.Conv2d, nn.ReLU6] and isinstance(plain.fc1, nn.Linear)
+    for m in model.modules():  # Core ML int8: quantized weights, float activations
+        for q in (getattr(m, "input_quant", None), getattr(m, "output_quant", None)):
+            if q is not None:
+                q.set_fake_quant(False)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+class DropClamp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop1, self.act1 = nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU6()
+        self.fc2, self.drop2, self.act2 = nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        a = self.act1(self.drop1(self.fc1(x)))  # a clamp before a training-mode Dropout would not bound its output
+        b = self.act2(self.drop2(self.fc2(x)))  # a ReLU commutes with Dropout's scaling
+        return self.head(a + b)
+
+
+def test_default_outputs_where_needed_and_output_false():
+    from qatkit.components.models import MLP
+
+    assert parse_quant("int8").outputs == "where_needed"
+    report = prepare(MLP((1, 8, 8), 10, hidden=[16]), "int8")
+    assert {r.name: r.output for r in report.rows} == {"net.1": "float", "net.3": "uint8 tensor"}
+    assert report.notes == [] and report.to_dict()["notes"] == []
+    report = prepare(MLP((1, 8, 8), 10, hidden=[16]), {"preset": "int8", "outputs": "rules"})
+    assert {r.name: r.output for r in report.rows} == {"net.1": "float", "net.3": "float"}
+
+    model = MLP((1, 8, 8), 10, hidden=[16])
+    report = prepare(model, {"preset": "int8", "rules": [{"match": "net.3", "activation": {}, "output": False}]})
+    assert {r.name: (r.quantized, r.output, r.rule) for r in report.rows} == {
+        "net.1": (True, "float", "preset int8[0]"), "net.3": (True, "float", "rule 0")}  # fmt: skip
+    assert model.net[3].output_quant is None and model.net[3].input_quant is not None
+    report = prepare(MLP((1, 8, 8), 10, hidden=[16]), {"preset": "int8", "rules": [
+        {"match": "net.3", "weight": None, "output": False}]})  # fmt: skip
+    assert report.rows[-1].rule == "rule 0 (kept float)" and not report.rows[-1].quantized
+
+    recipe = parse_quant({"preset": "int8", "rules": [{"match": "net.3", "output": False}]})
+    assert recipe.rules[0].output is False and parse_quant(recipe.model_dump(mode="json")) == recipe
+    with pytest.raises(RecipeError, match="or false for never"):
+        parse_quant({"preset": "int8", "rules": [{"output": True}]})
+
+    report = prepare(DropClamp(), "int8")
+    assert report.fused_relus == {"fc2": "act2"}
+    assert {r.name: r.output for r in report.rows} == {
+        "fc1": "uint8 tensor", "fc2": "uint8 tensor after ReLU", "head": "uint8 tensor"}  # fmt: skip
+
+    report = prepare(Branchy(), "int8")  # untraceable: the rules' outputs, and a note, not an error
+    assert all(r.output == "float" for r in report.rows) and len(report.notes) == 1
+    assert report.notes[0].startswith("outputs: where_needed fell back to the rules' outputs: torch.fx cannot trace")
+    assert report.notes[0].endswith("will run in float in ONNX Runtime")

@@ -13,7 +13,7 @@ import yaml
 
 from qatkit.base.config import RecipeError
 from qatkit.recipe import load_recipe
-from qatkit.run.pipeline import run
+from qatkit.runner.pipeline import run
 
 TWO_INPUT_MODEL = textwrap.dedent(
     """
@@ -92,6 +92,20 @@ def test_two_input_binary_model_runs_end_to_end_with_every_runnable_format(user_
     graph = onnx.load(str(tmp_path / "out" / "onnx" / "w8a8_qat.onnx")).graph
     assert [i.name for i in graph.input] == ["xz", "yl"]
 
+    # a packed file and `qatkit export` rebuild the user's model from the recorded target and folder
+    from qatkit.runner.export_run import export_run
+    from qatkit.runner.rebuild import load_packed_model
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    packed = load_packed_model(tmp_path / "out" / "packed" / "w8a8_qat.packed.safetensors")
+    xz, yl = torch.randn(7, 6), torch.randn(7, 4)
+    qat_row = rows[("w8a8", "qat", "pytorch", None)]
+    again, _ = export_run(tmp_path / "out", ["onnx"])
+    assert again.find("w8a8", "qat", "onnxruntime").parity == "ok"
+    assert packed(xz=xz, yl=yl).shape == (7, 1) and qat_row.metrics is not None
+
 
 @pytest.mark.slow
 def test_regression_model_reports_r2_and_relative_error(user_folder, tmp_path):
@@ -159,3 +173,48 @@ def test_monitor_must_be_a_metric_of_the_task():
                       "fp32": {"train": {"monitor": "accuracy"}}})  # fmt: skip
     parse_recipe({"task": "binary", "variants": [{"name": "a", "quant": "int8"}],
                   "fp32": {"train": {"monitor": "roc_auc"}}})  # fmt: skip
+
+
+class _ConvPool(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("outputs", ["rules", "where_needed"])
+def test_onnx_names_quantized_layers_that_run_in_float(tmp_path, outputs):
+    """A conv that feeds pooling without an output quantizer runs in float in ORT: named. where_needed: none."""
+    from qatkit import calibrate, export_onnx, prepare
+    from qatkit.export.verify import float_quantized_layers
+
+    torch.manual_seed(0)
+    model = _ConvPool()
+    prepare(model, {"preset": "int8", "outputs": outputs})
+    x = torch.randn(16, 3, 8, 8)
+    calibrate(model, [x], 1)
+    export_onnx(model, x, tmp_path / "m.onnx")
+    slow = float_quantized_layers(tmp_path / "m.onnx", ["conv", "head"])
+    assert slow == (["conv"] if outputs == "rules" else [])  # the head is rewritten to MatMulIntegerToFloat
+
+
+def test_python_api_takes_a_model_object_and_data_sets(tmp_path):
+    """qatkit.run with a module and (train, val, test) data sets: nothing importable, nothing registered."""
+    import qatkit
+    from qatkit.components.splits import ArrayDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    ds = ArrayDataset({"input": x}, y)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    recipe = {"name": "api", "fp32": {"train": {"epochs": 3, "lr": 0.01}},
+              "variants": [{"name": "q", "quant": "int8", "qat": None}],
+              "export": {"formats": ["onnx"], "latency_batches": [1], "latency_seconds": 0.02}}  # fmt: skip
+    report = qatkit.run(recipe, tmp_path / "o", model=model, data=(ds.subset(range(120)), ds.subset(range(120, 160)),
+                        ds.subset(range(160, 200))), progress=False)  # fmt: skip
+    assert report.find("fp32", "fp32", "pytorch").metrics["accuracy"] > 0.8
+    assert report.find("q", "ptq", "onnxruntime").parity == "ok"

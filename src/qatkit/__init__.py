@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 
 def run(recipe, out_dir="runs/run", model=None, data=None, **kwargs):
     """Run a recipe (a Recipe, a dict or a YAML path) end to end; ``model`` (an nn.Module or a factory) and
-    ``data`` (a DataSplits, or (train, val, test) data sets) may be given directly (see run/pipeline.py)."""
+    ``data`` (a DataSplits, or (train, val, test) data sets) may be given directly (see runner/pipeline.py)."""
     from pathlib import Path
 
-    from qatkit.run.pipeline import run as _run
+    from qatkit.runner.pipeline import run as _run
 
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)

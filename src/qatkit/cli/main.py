@@ -69,7 +69,7 @@ def run(
 
     Exits 1 if an exported file fails parity (unless the recipe sets export.allow_parity_failure)."""
     from qatkit.recipe import load_recipe
-    from qatkit.run.pipeline import run as run_pipeline
+    from qatkit.runner.pipeline import run as run_pipeline
     from qatkit.train.loop import TrainingInterrupted
 
     r = load_recipe(resolve_recipe(recipe))
@@ -90,8 +90,8 @@ def export(
     allow_parity_failure: bool = typer.Option(False, "--allow-parity-failure", help="Exit 0 even if parity fails."),
 ) -> None:
     """Write and verify exported files for a finished run from its checkpoints; update its report."""
-    from qatkit.run.artifacts import check_parity
-    from qatkit.run.export_run import export_run
+    from qatkit.runner.artifacts import check_parity
+    from qatkit.runner.export_run import export_run
 
     report, recipe = export_run(run_dir, formats, console)
     check_parity(report, allow_parity_failure or recipe.export.allow_parity_failure, console)
@@ -102,8 +102,8 @@ def layers(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file o
     """Print, without training, which layers each variant of the recipe quantizes and why."""
     from qatkit.components.datasets import load_data
     from qatkit.recipe import RecipeError, load_recipe
-    from qatkit.run.pipeline import make_task
-    from qatkit.run.rebuild import float_model
+    from qatkit.runner.pipeline import make_task
+    from qatkit.runner.rebuild import float_model
     from qatkit.transform.fold import fold_batchnorm
     from qatkit.transform.prepare import plan
 
@@ -144,7 +144,7 @@ def main() -> None:
     failure of an exported file exits 1."""
     from qatkit.io.checkpoint import CheckpointError
     from qatkit.recipe import RecipeError
-    from qatkit.run.artifacts import ParityError
+    from qatkit.runner.artifacts import ParityError
 
     expected = (RecipeError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError, ImportError)
     debug = "--debug" in sys.argv

@@ -266,7 +266,7 @@ class CoreMLExporter(Exporter):
     """ML Program packages: fp16 from the float model, int8 weights on each quantized model's own scales. There
     is no Core ML runtime on Linux: files are checked structurally (ops, stored weights decoded and compared)."""
 
-    format, runtime, suffix, extra = "coreml", "coreml (not run)", ".mlpackage", "coreml"
+    format, runtime, suffix, extra, title = "coreml", "coreml (not run)", ".mlpackage", "coreml", "Core ML export"
 
     def precisions(self, src, cfg):
         return [p for p in cfg.coreml.precisions if (p != "fp16") == src.quantized]

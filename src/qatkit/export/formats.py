@@ -69,6 +69,8 @@ class Exporter:
     suffix: ClassVar[str] = ""
     extra: ClassVar[str | None] = None
     """The optional dependency group the format needs (checked before any training)."""
+    title: ClassVar[str] = ""
+    """How messages name the format ("TFLite export")."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

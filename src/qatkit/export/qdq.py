@@ -127,6 +127,8 @@ class QDQLayer(nn.Module):
         self.bias = None if wrapper.bias is None else nn.Parameter(wrapper.bias.detach().clone(), requires_grad=False)
         self.op = _layer_fn(wrapper)
         self.bounds = wrapper.fused_activation()
+        if self.bounds not in (None, RELU_BOUNDS) and not _clamp_matters(self.bounds, self.output_qdq):
+            self.bounds = None  # the output Q saturates where the clamp would: a Clip would only block fusion
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_qdq is not None:
@@ -135,9 +137,23 @@ class QDQLayer(nn.Module):
         y = self.op(x, w, self.bias)
         if self.bounds == RELU_BOUNDS:  # Relu -> Q: ONNX Runtime and LiteRT fuse it into the integer kernel
             y = F.relu(y)
-        elif self.bounds is not None:  # Clip -> Q: ONNX Runtime drops the Clip when Q's range lies within it
+        elif self.bounds is not None:  # ReLU6 / Hardtanh: Clip (-> Q: dropped when Q's range lies within it)
             y = torch.clamp(y, self.bounds[0], self.bounds[1])
         return self.output_qdq(y) if self.output_qdq is not None else y
+
+
+def _clamp_matters(bounds: tuple[float, float], q: QDQInput | None) -> bool:
+    """Whether clamping to ``bounds`` before the quantize-dequantize ``q`` can change its result. It cannot when
+    q's grid reaches less than half a step beyond the bounds (then q saturates exactly where the clamp would),
+    as with an output quantizer calibrated on the clamped values. Leaving such a Clip out keeps the graph
+    fusable whatever the runtime: ONNX Runtime 1.32 drops it by the same half-step test, older releases only
+    when the Q range lies inside the Clip's (a saturating Hardtanh range misses that by up to half a step), and
+    LiteRT has no fused activation for arbitrary Hardtanh bounds."""
+    if q is None:
+        return True
+    lower, upper = (q.qmin - q.zero_point) * q.scale, (q.qmax - q.zero_point) * q.scale
+    margin = 0.49 * q.scale  # (not 0.5: a value exactly between two steps may round either way)
+    return lower < bounds[0] - margin or upper > bounds[1] + margin
 
 
 def _layer_fn(m: QuantModule):

@@ -217,7 +217,7 @@ def _arg_position(detail: dict) -> int:
 class TFLiteExporter(Exporter):
     """LiteRT flatbuffers: fp32/fp16/dynamic-int8 from the float model, full-int8 from each quantized model."""
 
-    format, runtime, suffix, extra = "tflite", "litert", ".tflite", "tflite"
+    format, runtime, suffix, extra, title = "tflite", "litert", ".tflite", "tflite", "TFLite export"
 
     def precisions(self, src, cfg):
         return [p for p in cfg.tflite.precisions if (p == "int8") == src.quantized]

@@ -21,7 +21,7 @@ from qatkit.lm.convert import v1_to_v2
 from qatkit.lm.hf import load_causal_lm, model_id, tokenizer_fingerprint
 from qatkit.lm.kd_task import KDTask
 from qatkit.lm.rules import LMQuantConfig, bits_per_weight, lut_layers, prepare_lm, set_trainable
-from qatkit.run.stages import newest_checkpoint, seed_everything
+from qatkit.runner.stages import newest_checkpoint, seed_everything
 from qatkit.train import fit
 from qatkit.train.config import TrainConfig
 from qatkit.train.helpers import make_loader

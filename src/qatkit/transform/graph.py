@@ -1,8 +1,8 @@
 """Where a quantized layer's output goes, found by tracing the model with torch.fx.
 
 A layer whose output reaches only other quantized layers (directly or through a ReLU / ReLU6 / Hardtanh: the
-next layer's input quantizer follows the clamp, and runtimes drop a clamp whose range holds the quantized range)
-gets its output quantized by the next layer's input quantizer. Any other consumer — pooling, a residual
+next layer's input quantizer follows the clamp, and runtimes drop a clamp that cannot change the quantized
+values) gets its output quantized by the next layer's input quantizer. Any other consumer — pooling, a residual
 add, a reshape, the model's output — sees a float tensor; ONNX Runtime then cannot fuse the layer into an
 integer kernel and runs it in float, dequantizing its weight on every call. Quantizing such outputs (as ONNX
 Runtime's own static quantization does) lets every quantized layer run as an integer kernel.
@@ -21,12 +21,19 @@ from torch import nn
 from qatkit.base.config import RecipeError
 from qatkit.nn.modules import RELU_BOUNDS, activation_bounds
 
-FUSED_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity, nn.Dropout)
-"""Consumers that are transparent for integer fusion (ReLU fuses into QLinearConv/QGemm, a ReLU6/Hardtanh clamp
-before the next layer's input quantizer is dropped when the quantized range lies within it; the others
-vanish)."""
-FUSED_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, F.dropout, operator.getitem}
+FUSED_MODULES = (nn.ReLU, nn.Identity, nn.Dropout)
+"""Consumers that are transparent for integer fusion (ReLU fuses into QLinearConv/QGemm; the others vanish).
+ReLU6 / Hardtanh modules and ``F.relu6`` / ``F.hardtanh`` calls are too when their bounds hold 0 (see
+:func:`clamp_fuses`)."""
+FUSED_FUNCTIONS = {F.relu, torch.relu, F.dropout, operator.getitem}
 FUSED_METHODS = {"relu"}
+
+
+def clamp_fuses(bounds: tuple[float, float]) -> bool:
+    """Whether a clamp right before a quantizer can vanish in the runtime (a Clip before a Q is dropped when it
+    cannot change the quantized values): only if its bounds hold 0, since every activation grid holds 0 (a
+    Hardtanh(1, 2) clamps values the grid [0, 2] would keep)."""
+    return bounds[0] <= 0.0 <= bounds[1]
 
 
 class NotTraceable(RecipeError):
@@ -95,10 +102,17 @@ def outputs_feeding_float(
         for user in node.users:
             if user.op == "call_module" and user.target in quantize_input:
                 continue
+            module = modules.get(user.target) if user.op == "call_module" else None
+            bounds = (
+                (float(module.min_val), float(module.max_val))
+                if isinstance(module, nn.Hardtanh)  # (and ReLU6)
+                else _function_bounds(user)
+            )
             fused = (
-                (user.op == "call_module" and isinstance(modules.get(user.target), FUSED_MODULES))
+                isinstance(module, FUSED_MODULES)
                 or (user.op == "call_function" and user.target in FUSED_FUNCTIONS)
                 or (user.op == "call_method" and user.target in FUSED_METHODS)
+                or (bounds is not None and clamp_fuses(bounds))
             )
             if not (fused and only_quantized_consumers(user)):
                 return False
@@ -127,8 +141,10 @@ def outputs_feeding_float(
             bounds = _function_bounds(user)
             label = f"{getattr(user.target, '__name__', user.target)}()"
             act = None if bounds is None else FusedActivation(None, bounds, label)
+        if act is None or not clamp_fuses(act.bounds):
+            return None
         # a ReLU commutes with a (training-mode) Dropout's 1/(1-p) scaling; a clamp moved before it does not
-        return None if act is None or (through_dropout and act.bounds != RELU_BOUNDS) else act
+        return None if through_dropout and act.bounds != RELU_BOUNDS else act
 
     out: dict[str, FusedActivation | None] = {}
     for n in graph.nodes:

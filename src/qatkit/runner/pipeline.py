@@ -23,10 +23,10 @@ from qatkit.components.datasets import load_data
 from qatkit.components.splits import DataSplits, all_inputs, targets_of
 from qatkit.io.checkpoint import read_metadata, save_weights
 from qatkit.recipe import Recipe, Variant
-from qatkit.run.artifacts import Source, check_extras, check_parity, verify_artifacts, write_artifacts
-from qatkit.run.rebuild import build_info, float_model, load_packed_model
-from qatkit.run.report import Report, Row
-from qatkit.run.stages import StageRunner, seed_everything
+from qatkit.runner.artifacts import Source, check_extras, check_parity, verify_artifacts, write_artifacts
+from qatkit.runner.rebuild import build_info, float_model, load_packed_model
+from qatkit.runner.report import Report, Row
+from qatkit.runner.stages import StageRunner, seed_everything
 from qatkit.tasks import TASKS, Task, predict
 from qatkit.train import make_loader
 from qatkit.train.distributed import barrier, init_from_env

@@ -21,7 +21,7 @@ from qatkit.train.config import TrainConfig
 from qatkit.train.distributed import barrier, current
 from qatkit.train.loop import LoaderOptions, fit
 
-IGNORED_FOR_RESUME = ("name", "description", "export")
+IGNORED_FOR_RESUME = ("name", "description", "export", "base_dir")
 """Recipe sections that do not change training state: editing them does not block a resume."""
 
 CHANGEABLE_ON_RESUME = re.compile(

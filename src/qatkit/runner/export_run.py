@@ -18,10 +18,10 @@ from qatkit.components.splits import all_inputs, targets_of
 from qatkit.export.config import ExportConfig
 from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata
 from qatkit.recipe import Recipe, parse_recipe
-from qatkit.run.artifacts import Source, check_extras, verify_artifacts, write_artifacts
-from qatkit.run.pipeline import make_task
-from qatkit.run.rebuild import build_info, float_model, load_packed_model
-from qatkit.run.report import Report
+from qatkit.runner.artifacts import Source, check_extras, verify_artifacts, write_artifacts
+from qatkit.runner.pipeline import make_task
+from qatkit.runner.rebuild import build_info, float_model, load_packed_model
+from qatkit.runner.report import Report
 from qatkit.tasks import predict
 from qatkit.train import make_loader
 from qatkit.transform.prepare import prepare

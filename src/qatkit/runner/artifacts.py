@@ -18,7 +18,7 @@ from qatkit.base.batch import InputSpec
 from qatkit.base.extras import check_installed
 from qatkit.export import EXPORTERS, Artifact, Source, verify
 from qatkit.export.config import ExportConfig
-from qatkit.run.report import Report, Row
+from qatkit.runner.report import Report, Row
 from qatkit.tasks import Task
 
 INTEGER_PRECISIONS = {"int8", "dynamic_int8"}
@@ -36,7 +36,7 @@ def check_extras(cfg: ExportConfig) -> None:
     for fmt in cfg.formats:
         extra = EXPORTERS[fmt].extra
         if extra:
-            check_installed(extra, f"{fmt} export (export.formats: {fmt})")
+            check_installed(extra, f"{EXPORTERS[fmt].title or fmt} (export.formats: {fmt})")
 
 
 def write_artifacts(

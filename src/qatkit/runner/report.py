@@ -262,6 +262,7 @@ class Report:
         if counts:
             lines.append("Class counts: " + "; ".join(f"{k} {v}" for k, v in counts.items() if v) + ".")
         d.pop("keyword", None)
+        d.pop("target", None)
         if d:
             lines.append("Also: " + ", ".join(f"{k} {v}" for k, v in d.items()) + ".")
         return [line for x in lines for line in (x, "")][:-1]
