@@ -100,7 +100,9 @@ def test_tflite_refuses_what_it_cannot_build(trained, tmp_path):
     with pytest.raises(ValueError, match="not one of"):
         export_tflite(fp32, x, tmp_path / "a.tflite", "int4")
     plain = copy.deepcopy(fp32)
-    prepare(plain, {"preset": "int8", "outputs": "rules"})  # logits float: int8 outputs impossible, error says what to add
+    prepare(
+        plain, {"preset": "int8", "outputs": "rules"}
+    )  # logits float: int8 outputs impossible, error says what to add
     calibrate(plain, make_loader(data.train, 8, True), 1)
     with pytest.raises(ValueError, match="add `output: {}` to a rule matching layer"):
         export_tflite(plain, x, tmp_path / "b.tflite", "int8", io="int8")

@@ -50,7 +50,8 @@ def split_batch(batch) -> tuple[Inputs, torch.Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError(
             "a data set item must be a pair (inputs, target), where inputs is a tensor, a tuple of tensors or a "
-            f"dict of tensors; got {type(batch).__name__}" + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
+            f"dict of tensors; got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
         )
     return batch[0], batch[1]
 

@@ -46,6 +46,7 @@ class ExportConfig(Strict):
     allow_parity_failure: bool = False
     """Report parity failures but let ``qatkit run`` exit 0."""
     latency_batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 64])
+
     @field_validator("formats")
     @classmethod
     def _formats(cls, v: list[str]) -> list[str]:

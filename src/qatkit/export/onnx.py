@@ -148,4 +148,6 @@ class OnnxExporter(Exporter):
         return {"integer_kernels": verify.fused_int8_ops(art.path)} if art.source.quantized else {}
 
     def float_layers(self, art, cfg):
-        return verify.float_quantized_layers(art.path, quantized_layers(art.source.model)) if art.source.quantized else []
+        return (
+            verify.float_quantized_layers(art.path, quantized_layers(art.source.model)) if art.source.quantized else []
+        )

@@ -119,7 +119,9 @@ class PackedExporter(Exporter):
             named = {k: torch.from_numpy(v) for k, v in x.items()}
             n = len(next(iter(named.values())))
             with torch.no_grad():
-                outs = [output_tensor(call(model, art.spec.structured(rows(named, i, i + 512)))) for i in range(0, n, 512)]
+                outs = [
+                    output_tensor(call(model, art.spec.structured(rows(named, i, i + 512)))) for i in range(0, n, 512)
+                ]
             return torch.cat(outs).numpy()
 
         return run

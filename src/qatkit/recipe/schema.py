@@ -150,7 +150,7 @@ class FloatStage(Strict):
         if v is not None and v.suffix.lower() in PICKLE_SUFFIXES:
             raise ValueError(
                 f"{v.name} is a pickle, which can run code when loaded; qatkit reads safetensors only. Convert it "
-                "once where you trust the file: python -c \"import torch, safetensors.torch as st; "
+                'once where you trust the file: python -c "import torch, safetensors.torch as st; '
                 f"st.save_file(torch.load('{v.name}', weights_only=True), '{v.with_suffix('.safetensors').name}')\""
             )
         return v
@@ -207,7 +207,9 @@ class Recipe(Strict):
         from qatkit.tasks import TASKS
 
         task = TASKS[self.task.name]
-        stages = [("fp32.train", self.fp32.train)] + [(f"variants[{i}].qat", v.qat) for i, v in enumerate(self.variants)]
+        stages = [("fp32.train", self.fp32.train)] + [
+            (f"variants[{i}].qat", v.qat) for i, v in enumerate(self.variants)
+        ]
         for where, cfgs in stages:
             for j, cfg in enumerate(cfgs if isinstance(cfgs, list) else [cfgs] if cfgs else []):
                 at = f"{where}[{j}]" if isinstance(cfgs, list) else where

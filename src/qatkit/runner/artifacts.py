@@ -131,7 +131,9 @@ def _parity(row: Row, art: Artifact, source: dict, task: Task, cfg: ExportConfig
     if integer:
         problems.append(task.agreement_problem(row.agreement, cfg))
     if drop > cfg.max_accuracy_drop:
-        problems.append(f"{task.primary} {100 * drop:.2f} points below the source (limit {100 * cfg.max_accuracy_drop:.0f})")
+        problems.append(
+            f"{task.primary} {100 * drop:.2f} points below the source (limit {100 * cfg.max_accuracy_drop:.0f})"
+        )
     problems = [p for p in problems if p]
     return f"failed: {'; '.join(problems)}" if problems else "ok"
 

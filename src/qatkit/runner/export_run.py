@@ -57,7 +57,9 @@ def run_sources(run_dir: Path, recipe, data, task, console: Console | None = Non
             model = new_model()
             prepare(model, v.quant)
             build = build_info(recipe.model, recipe.base_dir, shape, n_out, folded, v.quant)
-            sources.append(Source(v.name, stage, _load(model, path, f"{v.name}/{stage}"), None, build, load_packed_model))
+            sources.append(
+                Source(v.name, stage, _load(model, path, f"{v.name}/{stage}"), None, build, load_packed_model)
+            )
     for s in sources:
         s.outputs, _ = predict(s.model, test)
     return sources

@@ -105,7 +105,9 @@ def run(
         console.print(f"{stage.upper()} test {shown}")
         build = None
         if v is not None and model is None:
-            build = build_info(recipe.model, recipe.base_dir, data.input_shape, task.num_outputs(), bool(folded), v.quant)
+            build = build_info(
+                recipe.model, recipe.base_dir, data.input_shape, task.num_outputs(), bool(folded), v.quant
+            )
         sources.append(Source(variant, stage, m, outputs, build, load_packed_model if build else None))
 
     def summarize(prefix: str) -> None:

@@ -6,5 +6,15 @@ from qatkit.tasks.binary import BinaryTask
 from qatkit.tasks.classification import ClassificationTask, class_weight_tensor
 from qatkit.tasks.regression import RegressionTask
 
-__all__ = ["TASKS", "BinaryTask", "ClassificationTask", "Objective", "RegressionTask", "SupervisedObjective", "Task",
-           "class_weight_tensor", "output_tensor", "predict"]
+__all__ = [
+    "TASKS",
+    "BinaryTask",
+    "ClassificationTask",
+    "Objective",
+    "RegressionTask",
+    "SupervisedObjective",
+    "Task",
+    "class_weight_tensor",
+    "output_tensor",
+    "predict",
+]

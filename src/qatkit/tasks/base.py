@@ -84,7 +84,9 @@ class Task:
         """Outputs a bundled model gets for this task."""
         raise NotImplementedError
 
-    def criterion(self, cfg, train_targets: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def criterion(
+        self, cfg, train_targets: torch.Tensor | None
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The training loss of one stage (its class weights, label smoothing)."""
         raise NotImplementedError
 

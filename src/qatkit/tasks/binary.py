@@ -56,7 +56,10 @@ class BinaryTask(Task):
         pred = (p >= self.threshold).long().numpy()
         pc = p.clamp(1e-12, 1 - 1e-12)
         yt = torch.from_numpy(y).double()
-        out = {"accuracy": float((pred == y).mean()), "loss": float(-(yt * pc.log() + (1 - yt) * (1 - pc).log()).mean())}
+        out = {
+            "accuracy": float((pred == y).mean()),
+            "loss": float(-(yt * pc.log() + (1 - yt) * (1 - pc).log()).mean()),
+        }
         out.update(recall_and_f1(y, pred, 2))
         if len(np.unique(y)) == 2:
             out["roc_auc"] = float(roc_auc_score(y, p.numpy()))

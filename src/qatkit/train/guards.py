@@ -68,7 +68,11 @@ class Guards:
         return self.cfg.noise_sigmas * 100.0 * (p * (1.0 - p) / max(n, 1)) ** 0.5
 
     def collapsed(
-        self, acc_points: float, prev_points: float | None, best_points: float | None, n_val: int,
+        self,
+        acc_points: float,
+        prev_points: float | None,
+        best_points: float | None,
+        n_val: int,
         metric: str = "accuracy",
     ) -> str | None:
         """Why this validation result is a collapse, or None."""
