@@ -218,3 +218,77 @@ def test_python_api_takes_a_model_object_and_data_sets(tmp_path):
                         ds.subset(range(160, 200))), progress=False)  # fmt: skip
     assert report.find("fp32", "fp32", "pytorch").metrics["accuracy"] > 0.8
     assert report.find("q", "ptq", "onnxruntime").parity == "ok"
+
+
+@pytest.mark.slow
+def test_hugging_face_folder_with_token_inputs(tmp_path):
+    """model.hf: a save_pretrained sequence classifier, keyword int64 inputs from x_input_ids/x_attention_mask."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=2)  # fmt: skip
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert", safe_serialization=True)
+    g = np.random.default_rng(0)
+    ids = g.integers(1, 40, size=(160, 8)).astype(np.int64)
+    y = (ids[:, 0] > 20).astype(np.int64)  # learnable from the first token
+    np.savez(tmp_path / "tokens.npz", x_input_ids=ids, x_attention_mask=np.ones_like(ids), y=y)
+    recipe = {"name": "bert", "task": "classification", "base_dir": str(tmp_path),
+              "data": {"path": "tokens.npz", "batch_size": 16}, "model": {"hf": "bert"},
+              "fp32": {"train": {"epochs": 3, "lr": 0.003}},
+              "variants": [{"name": "w8a8", "quant": "int8", "ptq": {"calib_batches": 2}, "qat": None}],
+              "export": {"formats": ["onnx"], "latency_batches": [1], "latency_seconds": 0.02,
+                         "allow_parity_failure": True}}  # fmt: skip
+    import qatkit
+
+    report = qatkit.run(recipe, tmp_path / "out", progress=False)
+    onnx_row = report.find("w8a8", "ptq", "onnxruntime")
+    assert onnx_row.metrics is not None and onnx_row.agreement >= 0.9, onnx_row.parity
+    assert report.data["inputs"] == {"input_ids": "(8,) int64", "attention_mask": "(8,) int64"}
+
+
+def test_pickled_hf_weights_are_refused(tmp_path):
+    from qatkit.components.hf import load_hf_classifier
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+    (folder / "pytorch_model.bin").write_bytes(b"not really")
+    with pytest.raises(RecipeError, match="pickled"):
+        load_hf_classifier(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["csv", "target"])
+def test_table_file_and_loader_target_run_with_a_bundled_model(tmp_path, source):
+    g = np.random.default_rng(1)
+    x = g.normal(size=(300, 4)).astype(np.float32)
+    y = (x[:, 0] - x[:, 2] > 0).astype(np.int64)
+    if source == "csv":
+        import pandas as pd
+
+        frame = pd.DataFrame(x, columns=["a", "b", "c", "d"]).assign(label=np.where(y == 1, "fall", "adl"))
+        frame.to_csv(tmp_path / "table.csv", index=False)
+        data = {"path": "table.csv", "label": "label"}
+    else:
+        np.savez(tmp_path / "arrays.npz", x=x, y=y)
+        (tmp_path / "my_data.py").write_text(textwrap.dedent('''
+            import numpy as np, torch
+            from torch.utils.data import TensorDataset
+
+            def load(path, n_test=60):
+                d = np.load(path)
+                x, y = torch.from_numpy(d["x"]), torch.from_numpy(d["y"])
+                return TensorDataset(x[n_test:], y[n_test:]), TensorDataset(x[:n_test], y[:n_test])
+            '''))  # fmt: skip
+        data = {"target": "my_data:load", "args": {"path": str(tmp_path / "arrays.npz")}}
+    recipe = {"name": source, "task": "binary", "base_dir": str(tmp_path), "data": dict(data, batch_size=32),
+              "model": {"name": "mlp", "args": {"hidden": [16]}}, "fp32": {"train": {"epochs": 5, "lr": 0.01}},
+              "variants": [{"name": "q", "quant": "int8", "qat": None}],
+              "export": {"formats": ["onnx"], "latency_batches": [1], "latency_seconds": 0.02}}  # fmt: skip
+    import qatkit
+
+    report = qatkit.run(recipe, tmp_path / "out", progress=False)
+    fp32 = report.find("fp32", "fp32", "pytorch")
+    assert fp32.metrics["accuracy"] > 0.85 and "roc_auc" in fp32.metrics
+    assert report.class_names == (["adl", "fall"] if source == "csv" else ["0", "1"])
+    assert report.find("q", "ptq", "onnxruntime").parity == "ok"
