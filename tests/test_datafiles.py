@@ -227,3 +227,15 @@ def test_ready_made_val_needs_x_val(tmp_path):
     p = npz(tmp_path, x_train=x, y_train=y, x_test=x, y_test=y, y_val=y[:2])
     with pytest.raises(DataError, match=re.escape("split 'val' has keys ['y_val']; expected ['x_val', 'y_val']")):
         load_file(p, task="classification")
+
+
+def test_class_names_name_integer_ids_and_out_of_range_labels_are_refused(tmp_path):
+    path = tmp_path / "named.npz"
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    y = np.arange(40) % 3
+    np.savez(path, x=x, y=y, class_names=np.array(["walk", "sit", "fall"]))
+    data = load_file(path, task="classification", seed=0)
+    assert data.class_names == ["walk", "sit", "fall"] and data.num_classes == 3
+    np.savez(path, x=x, y=np.where(y == 2, 5, y), class_names=np.array(["walk", "sit", "fall"]))
+    with pytest.raises(DataError, match=r"named.npz: labels out of range: class_names names ids 0..2; found \[5"):
+        load_file(path, task="classification")

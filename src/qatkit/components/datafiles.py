@@ -23,7 +23,7 @@ TASKS = ("classification", "binary", "regression")
 SUFFIXES = (".npz", ".csv", ".parquet")
 SPLITS = ("train", "val", "test")
 _READY = re.compile(r"(x(?:_\w+?)?|y|groups)_(train|val|test)")
-_FLAT_EXPECTED = "x or x_<name>..., y, optional groups, split"
+_FLAT_EXPECTED = "x or x_<name>..., y, optional groups, split, class_names"
 _READY_EXPECTED = "x_train/y_train, x_test/y_test (or x_<name>_train ...), optional x_val/y_val, groups_<split>"
 
 
@@ -38,6 +38,8 @@ class _Raw:
     split: np.ndarray | None = None
     keys: dict[str, str] | None = None
     """What the file calls each input and ``y`` (for messages), when not the input's own name."""
+    class_names: np.ndarray | None = None
+    """Names of class ids 0..C-1 (``class_names`` in an .npz), when ``y`` holds ids."""
 
     def key(self, name: str) -> str:
         return (self.keys or {}).get(name, name)
@@ -79,7 +81,7 @@ def load_file(
 
     _check_lengths(path, {**{raw.key(n): v for n, v in raw.inputs.items()}, "y": raw.y, "groups": raw.groups})
     inputs = {n: _input_tensor(path, raw.key(n), v) for n, v in raw.inputs.items()}
-    targets, names = _targets(path, raw.y, raw.key("y"), task)
+    targets, names = _targets(path, raw.y, raw.key("y"), task, raw.class_names)
     classes = targets.numpy() if task != "regression" else None
     part, info = _assign(path, raw, classes, val_fraction, test_fraction, seed)
 
@@ -124,8 +126,8 @@ def _read_npz(path: Path) -> _Raw:
         if v.ndim == 0:
             raise DataError(f"{path}: array {k!r} is a scalar; every array needs one row per example")
     ready = [k for k in keys if _READY.fullmatch(k)]
-    if ready and len(ready) == len(keys):
-        return _ready_splits(path, arrays, keys)
+    if ready and len(ready) == len([k for k in keys if k != "class_names"]):
+        return _ready_splits(path, arrays, ready)
     if ready:
         raise DataError(
             f"{path}: mixed layout: keys {keys}; expected either {_FLAT_EXPECTED} or ready-made splits {_READY_EXPECTED}"
@@ -135,7 +137,7 @@ def _read_npz(path: Path) -> _Raw:
 
 def _flat(path: Path, arrays: dict[str, np.ndarray], keys: list[str]) -> _Raw:
     """``x`` or ``x_<name>``..., ``y``, optional ``groups`` and ``split``."""
-    unknown = [k for k in keys if k not in ("x", "y", "groups", "split") and not k.startswith("x_")]
+    unknown = [k for k in keys if k not in ("x", "y", "groups", "split", "class_names") and not k.startswith("x_")]
     named = [k for k in keys if k.startswith("x_")]
     if unknown:
         raise DataError(f"{path}: unexpected keys {unknown}; keys found: {keys}; expected {_FLAT_EXPECTED}")
@@ -151,7 +153,8 @@ def _flat(path: Path, arrays: dict[str, np.ndarray], keys: list[str]) -> _Raw:
         raise DataError(f"{path}: no 'x' or 'x_<name>' (inputs); keys found: {keys}")
     split = arrays.get("split")
     names = {n: ("x" if not keyword else f"x_{n}") for n in inputs}
-    return _Raw(inputs, keyword, arrays["y"], arrays.get("groups"), None if split is None else _strings(split), names)
+    split = None if split is None else _strings(split)
+    return _Raw(inputs, keyword, arrays["y"], arrays.get("groups"), split, names, _class_names(path, arrays))
 
 
 def _ready_splits(path: Path, arrays: dict[str, np.ndarray], keys: list[str]) -> _Raw:
@@ -184,7 +187,8 @@ def _ready_splits(path: Path, arrays: dict[str, np.ndarray], keys: list[str]) ->
     keyword = stems != ["x"]
     inputs = {"input": cat["x"]} if not keyword else {_input_name(path, k[2:]): cat[k] for k in stems}
     names = {n: f"{k}_{'/'.join(present)}" for n, k in zip(inputs, stems, strict=True)}
-    return _Raw(inputs, keyword, cat["y"], cat.get("groups"), split, {**names, "y": f"y_{'/'.join(present)}"})
+    names = {**names, "y": f"y_{'/'.join(present)}"}
+    return _Raw(inputs, keyword, cat["y"], cat.get("groups"), split, names, _class_names(path, arrays))
 
 
 def _input_name(path: Path, name: str) -> str:
@@ -279,7 +283,16 @@ def _input_tensor(path: Path, name: str, a: np.ndarray) -> torch.Tensor:
     raise DataError(f"{path}: input {name!r} has dtype {a.dtype}; inputs must be numbers")
 
 
-def _targets(path: Path, y: np.ndarray, name: str, task: str) -> tuple[torch.Tensor, list[str]]:
+def _class_names(path: Path, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    names = arrays.get("class_names")
+    if names is not None and (names.ndim != 1 or names.dtype.kind not in "US" or len(set(names.tolist())) < len(names)):
+        raise DataError(f"{path}: class_names must be distinct strings, one per class id; got {names.dtype} {names.shape}")
+    return names
+
+
+def _targets(
+    path: Path, y: np.ndarray, name: str, task: str, class_names: np.ndarray | None = None
+) -> tuple[torch.Tensor, list[str]]:
     """Class ids (int64) and class names, or float32 regression targets and no names."""
     if task == "regression":
         if y.dtype.kind not in "fiub" or y.ndim > 2:
@@ -300,6 +313,14 @@ def _targets(path: Path, y: np.ndarray, name: str, task: str) -> tuple[torch.Ten
         y = y.astype(str)
     elif y.dtype.kind not in "iubU":
         raise DataError(f"{path}: labels have dtype {y.dtype}; labels must be integers or strings")
+    if class_names is not None:
+        n = len(class_names)
+        if y.dtype.kind not in "iub" or y.min() < 0 or y.max() >= n:
+            bad = y if y.dtype.kind not in "iub" else y[(y < 0) | (y >= n)]
+            raise DataError(f"{path}: labels out of range: class_names names ids 0..{n - 1}; found {bad[:5].tolist()}")
+        if task == "binary" and n != 2:
+            raise DataError(f"{path}: binary task needs exactly 2 class_names; found {n}")
+        return torch.from_numpy(y.astype(np.int64).reshape(-1)), [str(v) for v in class_names.astype(str)]
     values, ids = np.unique(y, return_inverse=True)
     if task == "binary" and len(values) != 2:
         shown = [str(v) for v in values[:10]]
