@@ -292,3 +292,45 @@ def test_table_file_and_loader_target_run_with_a_bundled_model(tmp_path, source)
     assert fp32.metrics["accuracy"] > 0.85 and "roc_auc" in fp32.metrics
     assert report.class_names == (["adl", "fall"] if source == "csv" else ["0", "1"])
     assert report.find("q", "ptq", "onnxruntime").parity == "ok"
+
+
+def test_python_api_verification_is_one_call(user_folder, tmp_path):
+    """qatkit.verify: a QAT model from the user's own loop, exported and run; float layers and parity reported."""
+    import sys
+
+    import qatkit
+    from qatkit.components.splits import ArrayDataset
+
+    sys.path.insert(0, str(user_folder))
+    try:
+        from pixel_model import PixelNet
+    finally:
+        sys.path.remove(str(user_folder))
+    torch.manual_seed(0)
+    float_model = PixelNet().eval()
+    g = torch.Generator().manual_seed(1)
+    test = ArrayDataset({"xz": torch.randn(64, 6, generator=g), "yl": torch.randn(64, 4, generator=g)},
+                        torch.randint(0, 2, (64,), generator=g), keyword=True)  # fmt: skip
+    import copy
+
+    qat = copy.deepcopy(float_model)
+    qatkit.prepare(qat, "int8")
+    qatkit.calibrate(qat, torch.utils.data.DataLoader(test, batch_size=32), 2)
+    report = qatkit.verify(qat, test, tmp_path / "v", ["onnx"], task="binary", float_model=float_model,
+                           latency_batches=[1], latency_seconds=0.02)  # fmt: skip
+    row = report.find("model", "qat", "onnxruntime")
+    assert row.parity == "ok" and row.agreement >= 0.95 and row.float_layers == []
+    assert report.float_reference(row) is not None and (tmp_path / "v" / "report.md").is_file()
+
+
+def test_collapse_guard_follows_the_monitored_metric():
+    from qatkit.tasks import BinaryTask, RegressionTask
+    from qatkit.train import TrainConfig
+
+    m = {"accuracy": 0.9, "macro_f1": 0.55, "loss": 0.3, "roc_auc": 0.8, "pr_auc": 0.4}
+    assert BinaryTask(2, ["adl", "fall"]).objective(TrainConfig(monitor="macro_f1")).collapse_points(
+        m
+    ) == pytest.approx(55)
+    assert BinaryTask(2, ["adl", "fall"]).objective(TrainConfig()).collapse_points(m) == pytest.approx(90)
+    reg = RegressionTask().objective(TrainConfig())
+    assert reg.monitor == "loss" and reg.collapse_points({"loss": 1.0}) is None and reg.lower_is_better("mae")

@@ -37,6 +37,14 @@ def _splits(recipe, datasets):
     return from_datasets(datasets, recipe.task.name, recipe.data.val_fraction, "Python data")
 
 
+def verify(model, test, out_dir, formats=("onnx",), **kwargs):
+    """Export a model trained with your own loop, run every file in its runtime on ``test`` and report (see
+    :func:`qatkit.runner.check.verify_model`)."""
+    from qatkit.runner.check import verify_model
+
+    return verify_model(model, test, out_dir, formats, **kwargs)
+
+
 def export_onnx(*args, **kwargs):
     """Export a prepared model to an int8 QDQ ONNX file (see :func:`qatkit.export.onnx.export_onnx`)."""
     from qatkit.export.onnx import export_onnx as _export
@@ -59,5 +67,6 @@ __all__ = [
     "run",
     "set_fake_quant",
     "unprepare",
+    "verify",
     "warm_start",
 ]

@@ -286,7 +286,9 @@ def _input_tensor(path: Path, name: str, a: np.ndarray) -> torch.Tensor:
 def _class_names(path: Path, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
     names = arrays.get("class_names")
     if names is not None and (names.ndim != 1 or names.dtype.kind not in "US" or len(set(names.tolist())) < len(names)):
-        raise DataError(f"{path}: class_names must be distinct strings, one per class id; got {names.dtype} {names.shape}")
+        raise DataError(
+            f"{path}: class_names must be distinct strings, one per class id; got {names.dtype} {names.shape}"
+        )
     return names
 
 

@@ -67,6 +67,8 @@ class DataConfig(Strict):
     def _name(cls, v: str | None) -> str | None:
         from qatkit.components.datasets import DATASETS
 
+        if v is not None and ("/" in v or "." in v or ":" in v):
+            raise ValueError(f"{v!r} is not a bundled data set: for a file write `path: {v!r}`, for a loader `target:`")
         return None if v is None else one_of(v, DATASETS, "dataset")
 
     @field_validator("target")
@@ -106,6 +108,8 @@ class ModelConfig(Strict):
     def _name(cls, v: str | None) -> str | None:
         from qatkit.components.models import MODELS
 
+        if v is not None and ":" in v:
+            raise ValueError(f"{v!r} is an import path: write it as `target: {v!r}` (name is for bundled models)")
         return None if v is None else one_of(v, MODELS, "model")
 
     @field_validator("target")

@@ -50,12 +50,22 @@ class ClassificationTask(Task):
 
     def criterion(self, cfg, train_targets):
         weight = class_weight_tensor(cfg.class_weights, train_targets, self.num_classes)
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+        loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+        def loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            self.check_shape(outputs)
+            return loss_fn(outputs, y)
+
+        return loss
+
+    def check_shape(self, outputs: torch.Tensor) -> None:
+        if outputs.dim() != 2 or outputs.shape[1] != self.num_classes:
+            hint = "; for one logit and a sigmoid use task: binary" if outputs.shape[-1:] == (1,) else ""
+            raise ValueError(f"task classification: the model returned shape {tuple(outputs.shape)}; expected "
+                             f"(batch, {self.num_classes}) logits for {self.num_classes} classes{hint}")  # fmt: skip
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict:
-        if outputs.dim() != 2 or outputs.shape[1] != self.num_classes:
-            raise ValueError(f"task classification: the model returned shape {tuple(outputs.shape)}; expected "
-                             f"(batch, {self.num_classes}) logits for {self.num_classes} classes")  # fmt: skip
+        self.check_shape(outputs)
         y, pred = targets.long().numpy(), outputs.argmax(1).numpy()
         out = {"accuracy": float((pred == y).mean()), "loss": float(F.cross_entropy(outputs, targets.long()))}
         out.update(recall_and_f1(y, pred, self.num_classes))
