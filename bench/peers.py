@@ -146,7 +146,7 @@ def count_layers(model: nn.Module) -> int:
 def run_qatkit(fp: nn.Module, data: DataSplits, case: Case, bits: int, s: Settings, qat: bool) -> Prepared:
     """qatkit prepare + calibrate, then (QAT) fit with the shared budget."""
     model = copy.deepcopy(fp)
-    report = qatkit.transform.prepare(model, qatkit_recipe(bits))
+    report = qatkit.prepare(model, qatkit_recipe(bits))
     qatkit.calibrate(model, make_loader(data.train, case.batch_size, False), s.calib_batches)
     best = shared_fit(model, data, case, s) if qat else None
     return model, len(report.quantized), best
@@ -155,7 +155,7 @@ def run_qatkit(fp: nn.Module, data: DataSplits, case: Case, bits: int, s: Settin
 def run_out_q(fp: nn.Module, data: DataSplits, case: Case, s: Settings) -> Prepared:
     """qatkit W8A8 PTQ quantizing layer inputs only (no output quantizers): the export-speed reference."""
     model = copy.deepcopy(fp)
-    report = qatkit.transform.prepare(model, qatkit_recipe(8, outputs="rules"))
+    report = qatkit.prepare(model, qatkit_recipe(8, outputs="rules"))
     qatkit.calibrate(model, make_loader(data.train, case.batch_size, False), s.calib_batches)
     return model, len(report.quantized), None
 

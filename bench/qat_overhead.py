@@ -173,7 +173,7 @@ def make_cases(block_act: str) -> list[Case]:
 def quantized_copy(case: Case, recipe: str | dict[str, Any]) -> nn.Module:
     """A prepared and calibrated copy of the case's float model (the float model is left untouched)."""
     model = copy.deepcopy(case.model)
-    qatkit.transform.prepare(model, recipe)
+    qatkit.prepare(model, recipe)
     qatkit.calibrate(model, case.calib, len(case.calib))
     return model
 

@@ -334,3 +334,27 @@ def test_collapse_guard_follows_the_monitored_metric():
     assert BinaryTask(2, ["adl", "fall"]).objective(TrainConfig()).collapse_points(m) == pytest.approx(90)
     reg = RegressionTask().objective(TrainConfig())
     assert reg.monitor == "loss" and reg.collapse_points({"loss": 1.0}) is None and reg.lower_is_better("mae")
+
+
+def test_core_ml_takes_a_two_input_model(user_folder, tmp_path):
+    """One Core ML input per model input; the int8 file stores each layer's weight on the model's own scales."""
+    pytest.importorskip("coremltools")
+    import sys
+
+    from qatkit import calibrate, prepare
+    from qatkit.export.coreml import export_coreml, inspect_mlpackage, match_weights
+
+    sys.path.insert(0, str(user_folder))
+    try:
+        from pixel_model import PixelNet
+    finally:
+        sys.path.remove(str(user_folder))
+    torch.manual_seed(0)
+    model = PixelNet().eval()
+    prepare(model, "int8")
+    xz, yl = torch.randn(32, 6), torch.randn(32, 4)
+    calibrate(model, [{"xz": xz, "yl": yl}], 1)
+    info = inspect_mlpackage(export_coreml(model, {"xz": xz[:1], "yl": yl[:1]}, tmp_path / "m.mlpackage", "int8"))
+    assert [name for name, _ in info["inputs"]] == ["xz", "yl"]
+    check = match_weights(info, model, "int8")
+    assert check["layers"] == check["expected"] == 4 and check["max_rel_diff"] < 1e-2

@@ -1,6 +1,6 @@
 """qatkit: quantization-aware training for PyTorch, from float baseline to a verified int8 file.
 
-report = qatkit.transform.prepare(model, "int8")      # swap layers, see what was quantized
+report = qatkit.prepare(model, "int8")      # swap layers, see what was quantized
 qatkit.calibrate(model, loader, 8)          # PTQ: observe activation ranges
 ...train as usual...                        # QAT: fake quantization is on
 qatkit.export_onnx(model, example, "m.onnx")

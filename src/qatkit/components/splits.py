@@ -64,8 +64,7 @@ def targets_of(ds: Dataset) -> torch.Tensor:
     tensors = getattr(ds, "tensors", None)
     if tensors is not None:
         return tensors[-1]
-    return torch.cat([torch.as_tensor(split_batch(b)[1]).reshape(len(split_batch(b)[1]), -1).squeeze(1)
-                      for b in DataLoader(ds, batch_size=512)])  # fmt: skip
+    return torch.cat([torch.as_tensor(split_batch(b)[1]) for b in DataLoader(ds, batch_size=512)])
 
 
 def all_inputs(ds: Dataset, batch_size: int = 512) -> tuple[InputSpec, dict[str, torch.Tensor]]:
