@@ -64,7 +64,7 @@ def targets_of(ds: Dataset) -> torch.Tensor:
     tensors = getattr(ds, "tensors", None)
     if tensors is not None:
         return tensors[-1]
-    return torch.cat([torch.as_tensor(split_batch(b)[1]) for b in DataLoader(ds, batch_size=512)])
+    return torch.cat([torch.as_tensor(split_batch(b)[1]) for b in _in_order(ds, 512)])
 
 
 def all_inputs(ds: Dataset, batch_size: int = 512) -> tuple[InputSpec, dict[str, torch.Tensor]]:
@@ -72,13 +72,18 @@ def all_inputs(ds: Dataset, batch_size: int = 512) -> tuple[InputSpec, dict[str,
     if isinstance(ds, ArrayDataset):
         return ds.spec, ds.inputs
     spec, parts = None, []
-    for batch in DataLoader(ds, batch_size=batch_size):
+    for batch in _in_order(ds, batch_size):
         inputs, _ = split_batch(batch)
         spec = spec or InputSpec.of(inputs)
         parts.append(spec.named(inputs))
     if spec is None:
         raise DataError("the test set is empty")
     return spec, {k: torch.cat([p[k] for p in parts]) for k in spec.names}
+
+
+def _in_order(ds: Dataset, batch_size: int) -> DataLoader:
+    """Batches in order, with a private generator: reading data must not move the global RNG (model init)."""
+    return DataLoader(ds, batch_size=batch_size, generator=torch.Generator().manual_seed(0))
 
 
 def describe(ds: Dataset) -> dict:
