@@ -358,3 +358,16 @@ def test_core_ml_takes_a_two_input_model(user_folder, tmp_path):
     assert [name for name, _ in info["inputs"]] == ["xz", "yl"]
     check = match_weights(info, model, "int8")
     assert check["layers"] == check["expected"] == 4 and check["max_rel_diff"] < 1e-2
+
+
+def test_report_lists_unfolded_batchnorm_and_float_layers():
+    from qatkit.runner.report import Report, Row
+
+    report = Report({"name": "r", "task": {"name": "classification"}}, {"source": "x"}, ["a", "b"])
+    report.folding = {"folded": ["bn1"], "left": {"bn2": "follows MaxPool2d, not a Conv/Linear"}, "traced": True}
+    report.add(Row("q", "qat", "onnxruntime", None, format="onnx", precision="int8", float_layers=["conv3"]))
+    warnings = report.warnings()
+    assert any("bn2 not folded: follows MaxPool2d" in w for w in warnings)
+    assert any("1 quantized layer(s) run in float in onnxruntime (conv3)" in w for w in warnings)
+    md = report.to_markdown()
+    assert "folded 1 into the preceding Conv/Linear: bn1" in md and "left unfolded: bn2" in md

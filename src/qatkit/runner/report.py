@@ -63,7 +63,7 @@ class Report:
         out = [f"{r.label} {r.format} {r.precision}: {len(r.float_layers)} quantized layer(s) run in float in "
                f"{r.runtime} ({', '.join(r.float_layers[:6])}{', ...' if len(r.float_layers) > 6 else ''}); this file "
                "is slower than an integer one" for r in self.rows if r.float_layers]  # fmt: skip
-        out += [f"BatchNorm {name} not folded: {why}" for name, why in self.folding.get("left", [])]
+        out += [f"BatchNorm {name} not folded: {why}" for name, why in self.folding.get("left", {}).items()]
         for v, layer in self.layers.items():
             out += [f"{v}: {note}" for note in layer.get("notes", [])]
         return out
@@ -212,7 +212,13 @@ class Report:
         if warnings:
             lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]
         if self.folding:
-            lines += ["", "## BatchNorm folding", "", *[f"- {x}" for x in self.folding.get("lines", [])]]
+            f = self.folding
+            lines += ["", "## BatchNorm folding", "", f"- folded {len(f['folded'])} into the preceding Conv/Linear: "
+                      f"{', '.join(f['folded']) or 'none'}"]  # fmt: skip
+            lines += [f"- left unfolded: {name}: {why}" for name, why in f.get("left", {}).items()]
+            if not f.get("traced", True):
+                lines.append(f"- torch.fx could not trace the model ({f.get('trace_error')}); only BatchNorm directly "
+                             "after a Conv/Linear in an nn.Sequential was folded")  # fmt: skip
         detailed = [r for r in self.rows if r.details]
         if detailed:
             lines += ["", "## Inside the exported files", "",
