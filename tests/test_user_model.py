@@ -368,6 +368,31 @@ def test_report_lists_unfolded_batchnorm_and_float_layers():
     report.add(Row("q", "qat", "onnxruntime", None, format="onnx", precision="int8", float_layers=["conv3"]))
     warnings = report.warnings()
     assert any("bn2 not folded: follows MaxPool2d" in w for w in warnings)
-    assert any("1 quantized layer(s) run in float in onnxruntime (conv3)" in w for w in warnings)
+    assert any("quantized layers that onnxruntime runs in float: conv3;" in w for w in warnings)
     md = report.to_markdown()
     assert "folded 1 into the preceding Conv/Linear: bn1" in md and "left unfolded: bn2" in md
+
+
+def test_torch_encoder_layer_runs_its_quantized_ffn_in_eval_and_exports(tmp_path):
+    """nn.TransformerEncoderLayer's fused eval kernel reads linear1/linear2's float weights: prepare turns it off,
+    so the fake-quantized FFN is what eval computes (checked against the layer's own slow path) and it exports."""
+    from qatkit import calibrate, export_onnx, prepare
+    from qatkit.export import verify
+
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1, enable_nested_tensor=False
+    ).eval()
+    x = torch.randn(4, 6, 16)
+    report = prepare(model, {"preset": "ffn-only", "rules": [{"match": "*linear*", "weight": {"bits": 2}}]})
+    assert any("fused encoder-layer kernel" in n for n in report.notes)
+    calibrate(model, [x], 1)
+    with torch.no_grad():
+        quantized = model(x)
+        layer = model.layers[0]
+        h = layer.norm1(x + layer._sa_block(x, None, None))
+        reference = layer.norm2(h + layer._ff_block(h))  # the slow path: the quantized linear1/linear2 run
+    torch.testing.assert_close(quantized, reference)
+    export_onnx(model, x, tmp_path / "enc.onnx")
+    got = verify.run(verify.session(tmp_path / "enc.onnx"), x.numpy())
+    assert np.abs(got - quantized.numpy()).max() < 0.05

@@ -26,7 +26,8 @@ def call(model: nn.Module, inputs: Inputs):
 
 
 def output_tensor(out) -> torch.Tensor:
-    """The prediction tensor of a model's output: a tensor, the first of a tuple, or ``.logits``."""
+    """The prediction tensor of a model's output: a tensor, the first of a tuple, ``.logits``, or a dict's
+    ``"logits"`` (else its first value)."""
     if isinstance(out, torch.Tensor):
         return out
     logits = getattr(out, "logits", None)
@@ -34,6 +35,8 @@ def output_tensor(out) -> torch.Tensor:
         return logits
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
+    if isinstance(out, dict) and isinstance(out.get("logits", next(iter(out.values()), None)), torch.Tensor):
+        return out.get("logits", next(iter(out.values())))
     raise TypeError(f"the model returned {type(out).__name__}; qatkit needs a tensor (or an object with .logits)")
 
 

@@ -247,11 +247,14 @@ class TFLiteExporter(Exporter):
         return {"ops": dict(Counter(r.op_names())), "io_dtype": r.io_dtype}
 
     def float_layers(self, art, cfg):
-        """Compute ops with float inputs when there are fewer integer ones than quantized layers."""
+        """How many quantized layers have no integer op in the file (LiteRT op names do not name layers)."""
         if art.precision != "int8":
             return []
         r = opened(art, cfg)
-        ops = r.op_names()
-        compute = sum(ops.count(k) for k in COMPUTE_OPS)
-        floats = r.float_ops()
-        return floats if compute - len(floats) < len(quantized_layers(art.source.model)) else []
+        integer = sum(r.op_names().count(k) for k in COMPUTE_OPS) - len(r.float_ops())
+        expected = len(quantized_layers(art.source.model))
+        if integer >= expected:
+            return []
+        return [
+            f"{expected - integer} of {expected} quantized layers ({integer} integer FULLY_CONNECTED/CONV ops in the file)"
+        ]

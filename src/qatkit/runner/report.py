@@ -60,9 +60,9 @@ class Report:
     def warnings(self) -> list[str]:
         """What a reader must not miss: quantized layers that an exported file runs in float, BatchNorms left
         unfolded, quantization notes (e.g. where_needed falling back)."""
-        out = [f"{r.label} {r.format} {r.precision}: {len(r.float_layers)} quantized layer(s) run in float in "
-               f"{r.runtime} ({', '.join(r.float_layers[:6])}{', ...' if len(r.float_layers) > 6 else ''}); this file "
-               "is slower than an integer one" for r in self.rows if r.float_layers]  # fmt: skip
+        out = [f"{r.label} {r.format} {r.precision}: quantized layers that {r.runtime} runs in float: "
+               f"{', '.join(r.float_layers[:6])}{', ...' if len(r.float_layers) > 6 else ''}; this file is slower "
+               "than an integer one" for r in self.rows if r.float_layers]  # fmt: skip
         out += [f"BatchNorm {name} not folded: {why}" for name, why in self.folding.get("left", {}).items()]
         for v, layer in self.layers.items():
             out += [f"{v}: {note}" for note in layer.get("notes", [])]

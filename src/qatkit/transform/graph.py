@@ -90,7 +90,10 @@ def outputs_feeding_float(
 
     class Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return qualname in layers or super().is_leaf_module(m, qualname)
+            # a torch.nn container that holds a quantized layer (nn.TransformerEncoderLayer's linear1) is traced
+            # through, not kept whole: otherwise its layers' consumers would never be seen
+            holds = any(name.startswith(qualname + ".") for name in layers) if qualname else True
+            return qualname in layers or (not holds and super().is_leaf_module(m, qualname))
 
     try:
         graph = Tracer().trace(model)

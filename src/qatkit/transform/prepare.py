@@ -236,7 +236,25 @@ def prepare(model: nn.Module, recipe: QuantRecipe | dict | str) -> LayerReport:
             _set_submodule(model, module, nn.Identity())
         wrapper = model.get_submodule(name)
         wrapper.fused_relu, wrapper.fused_bounds = module, bounds
+    report.notes += disable_fused_fast_paths(model)
     return report
+
+
+def disable_fused_fast_paths(model: nn.Module) -> list[str]:
+    """Turn off PyTorch's fused inference kernel in encoder layers that hold quantized layers.
+
+    In eval mode ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``) may run one fused kernel that reads
+    ``linear1.weight``/``linear2.weight`` directly: the float weights, skipping fake quantization, so a quantized
+    FFN would be evaluated in float and its export would fail. The layer decides with ``activation_relu_or_gelu``;
+    clearing it keeps the ordinary path (same outputs in float)."""
+    layers = [n or "(model)" for n, m in model.named_modules()
+              if getattr(m, "activation_relu_or_gelu", False) and any(isinstance(c, QuantModule) for c in m.modules())]  # fmt: skip
+    for name in layers:
+        model.get_submodule("" if name == "(model)" else name).activation_relu_or_gelu = False
+    if not layers:
+        return []
+    return [f"PyTorch's fused encoder-layer kernel (which reads the float weights and would skip fake quantization) "
+            f"is turned off in {len(layers)} layer(s): {', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}"]  # fmt: skip
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
