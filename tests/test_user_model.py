@@ -59,6 +59,13 @@ def _recipe(folder, task, formats, monitor):
     return path
 
 
+def _pixel_net(folder):
+    """The user's PixelNet class, imported from their folder as `qatkit run` would."""
+    from qatkit.components.imports import import_target
+
+    return import_target("pixel_model:PixelNet", folder)
+
+
 @pytest.fixture()
 def user_folder(tmp_path):
     folder = tmp_path / "my_project"
@@ -122,16 +129,11 @@ def test_regression_model_reports_r2_and_relative_error(user_folder, tmp_path):
 
 def test_exported_onnx_of_a_two_input_model_matches_pytorch(user_folder, tmp_path):
     """ORT outputs of the float graph equal the PyTorch model's on the same two named inputs."""
-    import sys
 
     from qatkit import export_onnx
     from qatkit.export import verify
 
-    sys.path.insert(0, str(user_folder))
-    try:
-        from pixel_model import PixelNet
-    finally:
-        sys.path.remove(str(user_folder))
+    PixelNet = _pixel_net(user_folder)
     torch.manual_seed(0)
     model = PixelNet().eval()
     xz, yl = torch.randn(5, 6), torch.randn(5, 4)
@@ -296,16 +298,11 @@ def test_table_file_and_loader_target_run_with_a_bundled_model(tmp_path, source)
 
 def test_python_api_verification_is_one_call(user_folder, tmp_path):
     """qatkit.verify: a QAT model from the user's own loop, exported and run; float layers and parity reported."""
-    import sys
 
     import qatkit
     from qatkit.components.splits import ArrayDataset
 
-    sys.path.insert(0, str(user_folder))
-    try:
-        from pixel_model import PixelNet
-    finally:
-        sys.path.remove(str(user_folder))
+    PixelNet = _pixel_net(user_folder)
     torch.manual_seed(0)
     float_model = PixelNet().eval()
     g = torch.Generator().manual_seed(1)
@@ -339,16 +336,11 @@ def test_collapse_guard_follows_the_monitored_metric():
 def test_core_ml_takes_a_two_input_model(user_folder, tmp_path):
     """One Core ML input per model input; the int8 file stores each layer's weight on the model's own scales."""
     pytest.importorskip("coremltools")
-    import sys
 
     from qatkit import calibrate, prepare
     from qatkit.export.coreml import export_coreml, inspect_mlpackage, match_weights
 
-    sys.path.insert(0, str(user_folder))
-    try:
-        from pixel_model import PixelNet
-    finally:
-        sys.path.remove(str(user_folder))
+    PixelNet = _pixel_net(user_folder)
     torch.manual_seed(0)
     model = PixelNet().eval()
     prepare(model, "int8")
