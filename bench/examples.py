@@ -51,7 +51,8 @@ def run_example(name: str, out_root: Path) -> dict:
                      "latency_ratio": ratio, "agreement": r.agreement, "parity": r.parity,
                      "float_layers": r.float_layers,
                      "integer_kernels": (r.details or {}).get("integer_kernels")})  # fmt: skip
-    return {"example": name, "task": task.name, "metric": key, "seconds": seconds, "rows": rows,
+    return {"example": name, "task": task.name, "metric": key, "agreement": task.agreement_header.removesuffix(" %"),
+            "seconds": seconds, "rows": rows,
             "batchnorm_left": report.folding.get("left", {}), "warnings": report.warnings()}  # fmt: skip
 
 
@@ -61,7 +62,7 @@ def show(result: dict) -> None:
         value = "" if r[result["metric"]] is None else f"{100 * r[result['metric']]:.2f}"
         size = "" if r["size_ratio"] is None else f"size {r['size_ratio']:.2f}x"
         lat = " ".join(f"b{b} {x:.2f}x" for b, x in r["latency_ratio"].items())
-        agree = "" if r["agreement"] is None else f"agree {100 * r['agreement']:.2f}"
+        agree = "" if r["agreement"] is None else f"{result['agreement']} {100 * r['agreement']:.2f}%"
         print(f"  {r['row']:<40} {value:>7} {size:>12} {lat:<22} {agree:<13} {r['parity'] or ''}")
     for w in result["warnings"]:
         print(f"  warning: {w}")
