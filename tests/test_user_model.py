@@ -243,6 +243,10 @@ def test_hugging_face_folder_with_token_inputs(tmp_path):
     import qatkit
 
     report = qatkit.run(recipe, tmp_path / "out", progress=False)
+    # the same folder's weights as the float checkpoint: loaded into the wrapped model, no float training
+    again = qatkit.run(dict(recipe, fp32={"checkpoint": "bert", "train": {"epochs": 0}}), tmp_path / "again",
+                       progress=False)  # fmt: skip
+    assert again.training == {} and again.find("fp32", "fp32", "pytorch").metrics is not None  # strict load held
     onnx_row = report.find("w8a8", "ptq", "onnxruntime")
     assert onnx_row.metrics is not None and onnx_row.agreement >= 0.9, onnx_row.parity
     assert report.data["inputs"] == {"input_ids": "(8,) int64", "attention_mask": "(8,) int64"}

@@ -71,7 +71,7 @@ def read_metadata(path: str | Path, allow_foreign: bool = False) -> dict:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for bad headers
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({_short(e)})") from None
-    if allow_foreign and "format" not in meta:
+    if allow_foreign and meta.get("format") != FORMAT:  # a plain or Hugging Face file ({"format": "pt"})
         return {}
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a qatkit checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")

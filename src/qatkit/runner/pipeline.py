@@ -121,9 +121,13 @@ def run(
     folded: list[str] = []
     if recipe.fp32.checkpoint is not None:
         ckpt_path = recipe.resolve(recipe.fp32.checkpoint)
+        if ckpt_path.is_dir():  # a Hugging Face save_pretrained folder: its weights file
+            ckpt_path = ckpt_path / "model.safetensors"
         if read_metadata(ckpt_path, allow_foreign=True).get("folded"):
             folded = fold_batchnorm(fp32).folded  # saved after folding: give the model the same structure first
-        ws = warm_start(fp32, ckpt_path, strict=True)
+        # a Hugging Face model's own keys (bert.*) are those of the wrapped model, not of the logits wrapper
+        own = fp32.model if recipe.model.hf is not None and not _has_key_prefix(ckpt_path, "model.") else fp32
+        ws = warm_start(own, ckpt_path, strict=True)
         console.print("\n".join(ws.lines()), highlight=False)
     else:
         stages.train(fp32, recipe.fp32.train, "fp32", recipe.seed)
@@ -182,6 +186,13 @@ def run(
     console.print(f"report: {out / 'report.md'}")
     check_parity(report, recipe.export.allow_parity_failure, console)
     return report
+
+
+def _has_key_prefix(path: Path, prefix: str) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith(prefix) for k in f.keys())
 
 
 def _prepare_variant(model: nn.Module, v: Variant):
