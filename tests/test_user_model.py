@@ -392,3 +392,33 @@ def test_torch_encoder_layer_runs_its_quantized_ffn_in_eval_and_exports(tmp_path
     export_onnx(model, x, tmp_path / "enc.onnx")
     got = verify.run(verify.session(tmp_path / "enc.onnx"), x.numpy())
     assert np.abs(got - quantized.numpy()).max() < 0.05
+
+
+def test_names_that_could_leave_the_output_folder_are_refused():
+    from qatkit.recipe import parse_recipe
+
+    for where in ("name", "variant", "stage"):
+        for bad in ("../escape", "/abs", "a/b", ".hidden", "a\\b"):
+            d = {"variants": [{"name": "a", "quant": "int8"}]}
+            if where == "name":
+                d["name"] = bad
+            elif where == "variant":
+                d["variants"][0]["name"] = bad
+            else:
+                d["fp32"] = {"train": [{"name": bad}]}
+            with pytest.raises(RecipeError, match="should match pattern"):
+                parse_recipe(d)
+
+
+def test_a_nan_model_never_passes_parity(tmp_path):
+    """Two NaN models agree on every row; parity must still fail."""
+    from qatkit.components.splits import ArrayDataset
+    from qatkit.runner.check import verify_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))
+    test = ArrayDataset({"input": torch.randn(16, 3)}, torch.randint(0, 2, (16,)))
+    report = verify_model(model, test, tmp_path, ["onnx"], latency_batches=[1], latency_seconds=0.01)
+    row = report.find("model", "qat", "onnxruntime")
+    assert row.parity.startswith("failed: non-finite outputs")

@@ -4,9 +4,9 @@ validation errors turned into one line per problem that names the field and what
 from __future__ import annotations
 
 import typing
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 
 class RecipeError(ValueError):
@@ -19,6 +19,12 @@ def one_of(value: str, allowed: typing.Iterable[str], what: str) -> str:
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
     return value
+
+
+NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+"""A recipe, variant or stage name: it becomes part of file names, so letters, digits, ``_``, ``-`` and ``.`` only,
+no leading dot, no path separators (nothing can point outside the output folder)."""
 
 
 class Strict(BaseModel):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from qatkit.base.config import Strict, one_of
+from qatkit.base.config import Name, Strict, one_of
 from qatkit.export.config import ExportConfig
 from qatkit.train.config import Stages, TrainConfig
 from qatkit.transform.rules import QuantRecipe
@@ -167,7 +167,7 @@ class PTQConfig(Strict):
 class Variant(Strict):
     """One quantized configuration: PTQ from the float model, then QAT warm-started from it."""
 
-    name: str = Field(min_length=1)
+    name: Name
     quant: QuantRecipe
     """Rules and/or a preset; a preset name alone (``quant: int8``) is short for ``{preset: int8}``."""
     ptq: PTQConfig = Field(default_factory=PTQConfig)
@@ -181,7 +181,7 @@ class Variant(Strict):
 
 
 class Recipe(Strict):
-    name: str = "run"
+    name: Name = "run"
     description: str = ""
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"

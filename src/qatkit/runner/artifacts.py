@@ -82,7 +82,7 @@ def verify_artifacts(
         try:
             row.details = ex.details(art, cfg) or None
             row.float_layers = ex.float_layers(art, cfg)
-            run = ex.runner(art, cfg)
+            run, outputs = ex.runner(art, cfg), None
             if run is not None:
                 outputs = torch.from_numpy(np.asarray(run(x)))
                 row.metrics = task.metrics(outputs, targets)
@@ -91,7 +91,10 @@ def verify_artifacts(
             art.error = _one_line(e)
             row.parity = f"failed: cannot run: {art.error}"
             continue
-        row.parity = _parity(row, art, task.metrics(art.source.outputs, targets), task, cfg)
+        finite = bool(torch.isfinite(art.source.outputs).all()) and (
+            outputs is None or bool(torch.isfinite(outputs).all())
+        )
+        row.parity = _parity(row, art, task.metrics(art.source.outputs, targets), task, cfg, finite)
     _time(arts, rows, x, cfg)
     for row in rows.values():
         report.add(row)
@@ -118,9 +121,10 @@ def _time(arts: list[Artifact], rows: dict[int, Row], x: dict[str, np.ndarray], 
                 rows[i].latency_ms[str(b)] = ms
 
 
-def _parity(row: Row, art: Artifact, source: dict, task: Task, cfg: ExportConfig) -> str:
-    """ "ok", "failed: <why>", or for files that cannot run here the structural verdict."""
-    problems = []
+def _parity(row: Row, art: Artifact, source: dict, task: Task, cfg: ExportConfig, finite: bool = True) -> str:
+    """ "ok", "failed: <why>", or for files that cannot run here the structural verdict. Non-finite outputs
+    (of the file or of its source model) always fail: two NaN models would otherwise agree perfectly."""
+    problems = [] if finite else ["non-finite outputs (NaN or Inf) from the file or its source model"]
     if row.metrics is None:
         w = (row.details or {}).get("weights")
         if w is not None and (w["layers"] != w["expected"] or w["max_rel_diff"] > 1e-2 or w["luts_equal"] is False):

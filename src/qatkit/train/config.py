@@ -6,7 +6,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from qatkit.base.config import UNION_TAGS, Strict, one_of
+from qatkit.base.config import UNION_TAGS, Name, Strict, one_of
 
 
 class EarlyStopping(Strict):
@@ -49,7 +49,7 @@ class LoggingConfig(Strict):
 class TrainConfig(Strict):
     """One training stage: optimiser, schedule, regularisation, stopping, guards, checkpoints, logging."""
 
-    name: str | None = None
+    name: Name | None = None
     epochs: int = Field(20, ge=0)
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimiser steps (None: epochs)")
     lr: float = Field(1e-3, gt=0)
