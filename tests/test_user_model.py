@@ -422,3 +422,26 @@ def test_a_nan_model_never_passes_parity(tmp_path):
     report = verify_model(model, test, tmp_path, ["onnx"], latency_batches=[1], latency_seconds=0.01)
     row = report.find("model", "qat", "onnxruntime")
     assert row.parity.startswith("failed: non-finite outputs")
+
+
+def test_duplicate_recipe_keys_are_refused_naming_both_lines(tmp_path):
+    from qatkit.recipe import load_recipe
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: a\nfp32:\n  train: {epochs: 1}\nvariants: [{name: q, quant: int8}]\nname: b\n")
+    with pytest.raises(RecipeError, match=r"dup.yaml: not valid YAML: .*duplicate key 'name' \(lines 1 and 5\)"):
+        load_recipe(path)
+
+
+def test_a_fifo_where_a_checkpoint_belongs_is_refused_not_waited_on(tmp_path):
+    import os
+
+    from qatkit.io.checkpoint import CheckpointError, load_weights, read_metadata
+
+    fifo = tmp_path / "fp32.safetensors"
+    os.mkfifo(fifo)
+    for reader in (read_metadata, load_weights):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            reader(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        read_metadata(tmp_path)

@@ -59,6 +59,15 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
     return Path(path)
 
 
+def require_regular_file(path: str | Path) -> None:
+    """Refuse a missing path, a folder, a FIFO or a device (a FIFO would block the reader forever)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file (a checkpoint is a safetensors file)")
+
+
 def read_metadata(path: str | Path, allow_foreign: bool = False) -> dict:
     """The qatkit metadata stored in a checkpoint (decoded); raises CheckpointError if unreadable.
 
@@ -66,6 +75,7 @@ def read_metadata(path: str | Path, allow_foreign: bool = False) -> dict:
     """
     from safetensors import safe_open
 
+    require_regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -86,8 +96,7 @@ def load_weights(path: str | Path, expect: dict | None = None, allow_foreign: bo
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    require_regular_file(path)
     meta = read_metadata(path, allow_foreign=allow_foreign and not expect)
     for key, want in (expect or {}).items():
         if meta.get(key) != want:
