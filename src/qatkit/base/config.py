@@ -1,11 +1,13 @@
-"""Shared pieces of every validated config: strict models (unknown keys are errors), the recipe error, and
-validation errors turned into one line per problem that names the field and what is allowed."""
+"""Shared pieces of every validated config: strict models (unknown keys and coercions are errors), the recipe
+error, and validation errors turned into one line per problem that names the field and what is allowed."""
 
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Annotated, Any
 
+import pydantic
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 
@@ -27,16 +29,23 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 no leading dot, no path separators (nothing can point outside the output folder)."""
 
 
+FilePath = Annotated[Path, pydantic.Strict(False)]
+"""A path in a recipe: written as a string in YAML (the one field type that is converted)."""
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    """A config section: unknown keys refused, no conversion between types (``'1e3'`` is not a number, ``true``
+    is not 1), and no NaN or infinity in numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, strict=True, allow_inf_nan=False)
 
 
 UNION_TAGS: set[str] = set()
 """Tags of discriminated unions (e.g. one training stage or a list of them); error paths leave them out."""
 
 
-def _loc(loc: tuple) -> str:
-    out = ""
+def _loc(loc: tuple, prefix: str = "") -> str:
+    out = prefix
     for part in loc:
         if part in UNION_TAGS:
             continue
@@ -66,18 +75,25 @@ def _unwrap_model(ann: Any) -> Any:
     return None
 
 
-def format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
-    """One line per problem: where it is, what is wrong, what is allowed."""
+def format_validation_error(err: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    """One line per problem: where it is (below ``prefix``), what is wrong, what is allowed."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         if e["type"] == "extra_forbidden":
             owner = _model_at(root, loc[:-1])
             allowed = ", ".join(owner.model_fields) if owner else "?"
-            lines.append(f"{_loc(loc)}: unknown key {loc[-1]!r} (allowed keys: {allowed})")
+            lines.append(f"{_loc(loc, prefix)}: unknown key {loc[-1]!r} (allowed keys: {allowed})")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
             shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
-            lines.append(f"{_loc(loc)}: {msg}{shown}")
-    return "; ".join(lines)
+            lines.append(f"{_loc(loc, prefix)}: {msg}{shown}")
+    shown = lines[:MAX_SHOWN]
+    if len(lines) > MAX_SHOWN:
+        shown.append(f"and {len(lines) - MAX_SHOWN} more problem(s)")
+    return "; ".join(shown)
+
+
+MAX_SHOWN = 8
+"""Problems listed in one error line; the rest are counted."""

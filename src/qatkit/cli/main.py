@@ -64,6 +64,9 @@ def run(
     resume: Optional[str] = typer.Option(
         None, "--resume", help="'auto': skip finished stages, continue the interrupted one; or a checkpoint path."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Write into a folder holding files qatkit did not write (they are never replaced)."
+    ),
 ) -> None:
     """Run FP32 -> PTQ -> QAT -> export -> verify each file in its runtime; write DIR/report.{json,md}.
 
@@ -75,7 +78,9 @@ def run(
     r = load_recipe(resolve_recipe(recipe))
     show = not no_progress and console.is_terminal
     try:
-        run_pipeline(r, out or Path("runs") / r.name, console=console, progress=show, resume=resume)
+        run_pipeline(
+            r, out or Path("runs") / r.name, console=console, progress=show, resume=resume, overwrite=overwrite
+        )
     except TrainingInterrupted as e:
         err_console.print(f"stopped: {e}", highlight=False, soft_wrap=True)
         sys.exit(130)
@@ -101,6 +106,8 @@ def export(
 def layers(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or bundled recipe name.")) -> None:
     """Print, without training, which layers each variant of the recipe quantizes and why."""
     from qatkit.components.datasets import load_data
+    from qatkit.components.models import check_model
+    from qatkit.components.splits import first_inputs
     from qatkit.recipe import RecipeError, load_recipe
     from qatkit.runner.pipeline import make_task
     from qatkit.runner.rebuild import float_model
@@ -110,6 +117,8 @@ def layers(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file o
     r = load_recipe(resolve_recipe(recipe))
     data = load_data(r.data, r.task.name, r.seed, r.base_dir)
     task = make_task(r, data)
+    build = lambda: float_model(r.model, r.base_dir, data.input_shape, task.num_outputs(), False)  # noqa: E731
+    check_model(build, first_inputs(data.test), meta=r.model.hf is None)
     for v in r.variants:
         model = float_model(r.model, r.base_dir, data.input_shape, task.num_outputs(), False)
         if r.fp32.fold_batchnorm:

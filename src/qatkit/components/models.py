@@ -8,11 +8,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
-from qatkit.base.config import RecipeError
+from qatkit.base.batch import call
+from qatkit.base.config import RecipeError, Strict, format_validation_error
 from qatkit.components.imports import call_target
 
 
@@ -130,13 +133,56 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "transformer": TinyTransformer,
 }
 
+Width = Annotated[int, Field(ge=1, le=1 << 16)]
+
+
+class MLPArgs(Strict):
+    hidden: list[Width] = Field([256, 128], max_length=64)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class CNN1dArgs(Strict):
+    channels: list[Width] = Field([16, 32], min_length=1, max_length=64)
+    kernel: int = Field(5, ge=1, le=63)
+
+
+class CNN2dArgs(Strict):
+    channels: list[Width] = Field([16, 32], min_length=1, max_length=64)
+
+
+class TransformerArgs(Strict):
+    dim: Width = 32
+    heads: int = Field(4, ge=1, le=256)
+    ffn: Width = 64
+    layers: int = Field(2, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TransformerArgs:
+        if self.dim % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide dim ({self.dim})")
+        return self
+
+
+MODEL_ARGS: dict[str, type[Strict]] = {"mlp": MLPArgs, "cnn1d": CNN1dArgs, "cnn2d": CNN2dArgs,
+                                       "transformer": TransformerArgs}  # fmt: skip
+"""What each bundled model's ``model.args`` may hold: checked with the recipe, before anything is built."""
+
+
+def check_model_args(name: str, args: dict) -> dict:
+    """``args`` validated against the bundled model's schema; a ValueError names ``args.<key>`` and the bounds."""
+    try:
+        MODEL_ARGS[name].model_validate(args)
+    except ValidationError as e:
+        raise ValueError(format_validation_error(e, MODEL_ARGS[name], prefix="args")) from None
+    return args
+
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **args) -> nn.Module:
     """Instantiate a registered model; bad ``args`` raise a ValueError naming the model."""
     try:
-        return MODELS[name](tuple(input_shape), num_classes, **args)
-    except TypeError as e:
-        raise ValueError(f"model {name!r}: bad args {args}: {e}") from None
+        return MODELS[name](tuple(input_shape), num_classes, **check_model_args(name, args))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"model {name!r}: bad args: {e}") from None
 
 
 def make_model(cfg, input_shape: tuple[int, ...], num_outputs: int, base_dir: Path | None = None) -> nn.Module:
@@ -157,3 +203,48 @@ def make_model(cfg, input_shape: tuple[int, ...], num_outputs: int, base_dir: Pa
 def _resolve(path: Path, base_dir: Path) -> Path:
     path = Path(path).expanduser()
     return path if path.is_absolute() else base_dir / path
+
+
+TRAINING_COPIES = 4
+"""Bytes of training memory per byte of weights: weights, gradients and AdamW's two moments."""
+
+
+def check_model(build: Callable[[], nn.Module], sample, meta: bool = True, where: str = "model") -> None:
+    """Refuse, before any training, a model too large for this machine's memory (with ``meta``, sized on the meta
+    device, where nothing is allocated) or one that fails on a batch of the data. Leaves the RNG as it was."""
+    with torch.random.fork_rng(devices=[]):
+        need = _meta_bytes(build) * TRAINING_COPIES if meta else 0
+        have = _available_memory()
+        if need and have and need > have:
+            raise RecipeError(f"{where}: training needs about {need / 2**30:.1f} GiB (weights, gradients, optimizer "
+                              f"state), more than the {have / 2**30:.1f} GiB available; check model.args")  # fmt: skip
+        model = build().eval()
+        try:
+            with torch.no_grad():
+                call(model, sample)
+        except Exception as e:  # the user's model may raise anything; report it as a recipe problem
+            msg = str(e).splitlines()[0][:300] if str(e) else ""
+            raise RecipeError(f"{where}: the model fails on a batch of the data ({type(e).__name__}: {msg}); "
+                              "check model.args and the data's shape") from None  # fmt: skip
+
+
+def _meta_bytes(build: Callable[[], nn.Module]) -> int:
+    """Bytes of parameters and buffers of the model ``build`` makes, built on the meta device (0 if it cannot)."""
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # noqa: BLE001 (a model whose constructor needs real tensors is sized when built for real)
+        return 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _available_memory() -> int:
+    """MemAvailable from /proc/meminfo in bytes (0 where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from qatkit.base.batch import InputSpec, split_batch
+from qatkit.base.batch import Inputs, InputSpec, split_batch
 
 
 class DataError(ValueError):
@@ -79,6 +79,14 @@ def all_inputs(ds: Dataset, batch_size: int = 512) -> tuple[InputSpec, dict[str,
     if spec is None:
         raise DataError("the test set is empty")
     return spec, {k: torch.cat([p[k] for p in parts]) for k in spec.names}
+
+
+def first_inputs(ds: Dataset, n: int = 2) -> Inputs:
+    """The inputs of the first ``n`` examples, batched as the model takes them (for checking a model early)."""
+    batch = next(iter(_in_order(ds, n)), None)
+    if batch is None:
+        raise DataError("the test set is empty")
+    return split_batch(batch)[0]
 
 
 def _in_order(ds: Dataset, batch_size: int) -> DataLoader:

@@ -31,7 +31,7 @@ class CoreMLExport(Strict):
 class ExportConfig(Strict):
     """Which files to write and verify, and when a file counts as a parity failure."""
 
-    formats: list[str] = Field(default_factory=lambda: ["onnx"])
+    formats: list[str] = Field(default_factory=lambda: ["onnx"], max_length=16)
     """Registered formats (export/formats.py): onnx, tflite, coreml, packed."""
     tflite: TFLiteExport = Field(default_factory=TFLiteExport)
     coreml: CoreMLExport = Field(default_factory=CoreMLExport)
@@ -40,12 +40,12 @@ class ExportConfig(Strict):
     max_accuracy_drop: float = Field(0.02, ge=0, le=1)
     """Drop of the task's primary metric (accuracy; R² for regression) below the source model beyond which any
     file fails parity."""
-    max_rel_error: float = Field(0.05, gt=0)
+    max_rel_error: float = Field(0.05, gt=0, le=1e6)
     """Regression: relative error of an integer file's outputs (RMS difference / spread of the source's outputs)
     above which it fails parity."""
     allow_parity_failure: bool = False
     """Report parity failures but let ``qatkit run`` exit 0."""
-    latency_batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 64])
+    latency_batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 64], max_length=8)
 
     @field_validator("formats")
     @classmethod
@@ -54,5 +54,5 @@ class ExportConfig(Strict):
 
         return list(dict.fromkeys(one_of(f, EXPORTERS, "export format") for f in v))
 
-    latency_threads: int = Field(1, ge=1)
-    latency_seconds: float = Field(0.5, gt=0)
+    latency_threads: int = Field(1, ge=1, le=256)
+    latency_seconds: float = Field(0.5, gt=0, le=600)

@@ -6,6 +6,7 @@ target, so a crash or a full disk never leaves a half-written checkpoint under t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 
 FORMAT = "qatkit/1"
+HASH_KEY = "sha256"
+"""Metadata key of the content hash: SHA-256 over every tensor's name, dtype, shape and bytes (in name order)."""
 
 
 class CheckpointError(ValueError):
@@ -55,8 +58,20 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     meta = {"format": FORMAT}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    meta[HASH_KEY] = json.dumps(content_hash(tensors))
     atomic_write_bytes(path, save(tensors, metadata=meta))
     return Path(path)
+
+
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and raw bytes, so a flipped bit anywhere is detected."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def require_regular_file(path: str | Path) -> None:
@@ -85,7 +100,10 @@ def read_metadata(path: str | Path, allow_foreign: bool = False) -> dict:
         return {}
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a qatkit checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
-    return {k: (v if k == "format" else json.loads(v)) for k, v in meta.items()}
+    try:
+        return {k: (v if k == "format" else json.loads(v)) for k, v in meta.items()}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: malformed qatkit metadata ({_short(e)})") from None
 
 
 def load_weights(path: str | Path, expect: dict | None = None, allow_foreign: bool = False) -> dict[str, torch.Tensor]:
@@ -102,9 +120,23 @@ def load_weights(path: str | Path, expect: dict | None = None, allow_foreign: bo
         if meta.get(key) != want:
             raise CheckpointError(f"{path}: checkpoint is for {key}={meta.get(key)!r}, this run has {key}={want!r}")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
+    if meta and HASH_KEY not in meta:
+        raise CheckpointError(f"{path}: no content hash in the metadata (written by an older qatkit; rerun the stage)")
+    if meta and meta[HASH_KEY] != content_hash(tensors):
+        raise CheckpointError(f"{path}: content hash mismatch: the file was altered or damaged after it was written")
+    check_finite(path, tensors)
+    return tensors
+
+
+def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or inf in any floating-point tensor, naming the first such tensor."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or inf value(s) of {t.numel()}")
 
 
 def check_state_fits(path: str | Path, want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
@@ -117,6 +149,9 @@ def check_state_fits(path: str | Path, want: dict[str, torch.Tensor], got: dict[
     for k, v in want.items():
         if tuple(v.shape) != tuple(got[k].shape):
             raise CheckpointError(f"{path}: {k} has shape {tuple(got[k].shape)}, the model has {tuple(v.shape)}")
+        if v.dtype != got[k].dtype:
+            raise CheckpointError(f"{path}: {k} has dtype {got[k].dtype}, the model has {v.dtype}")
+    check_finite(path, got)
 
 
 def _short(e: Exception) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,46 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `lr: 1e-4` as the string "1e-4", which strict recipes would refuse
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+"""A recipe nests a few levels (variants[i].quant.rules[j].weight.bits): anything deeper is not a recipe."""
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
+    """Read and validate a YAML recipe file (UTF-8, at most 1 MiB, nested at most 32 levels)."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+        raise RecipeError(f"recipe file not found: {path}" if not path.exists() else f"{path}: not a regular file")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
+    if _depth(data) > MAX_DEPTH:
+        raise RecipeError(f"{path}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(data, dict) and data.get("base_dir") is None:
         data = dict(data, base_dir=str(path.resolve().parent))
     return parse_recipe(data, str(path))
+
+
+def _depth(obj: Any, level: int = 0, seen: set[int] | None = None) -> int:
+    """How deeply ``obj`` nests lists and mappings (stops past MAX_DEPTH; a YAML alias is walked once)."""
+    seen = set() if seen is None else seen
+    if level > MAX_DEPTH or not isinstance(obj, (dict, list)) or id(obj) in seen:
+        return level
+    seen.add(id(obj))
+    items = obj.values() if isinstance(obj, dict) else obj
+    return max((_depth(v, level + 1, seen) for v in items), default=level + 1)

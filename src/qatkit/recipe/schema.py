@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from qatkit.base.config import Name, Strict, one_of
+from qatkit.base.config import FilePath, Name, Strict, one_of
 from qatkit.export.config import ExportConfig
 from qatkit.train.config import Stages, TrainConfig
 from qatkit.transform.rules import QuantRecipe
@@ -44,22 +44,22 @@ class DataConfig(Strict):
     own loader (``target``: "module:callable" returning train/val/test data sets, called with ``args``)."""
 
     name: str | None = None
-    path: Path | None = None
+    path: FilePath | None = None
     target: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
     """Tables: the target column."""
-    features: list[str] | None = None
+    features: list[str] | None = Field(None, min_length=1, max_length=1_000_000)
     """Tables: the feature columns (default: every column but the label, groups and split)."""
     groups: str | None = None
     """Tables: a column of group ids (subjects, signers); splits then keep each group in one split."""
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=65536)
     val_fraction: float = Field(0.15, ge=0.0, lt=0.9)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.9)
     """When the data has no test split: the share of rows (or groups) held out for test."""
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=256)
     persistent_workers: bool = False
-    prefetch_factor: int | None = Field(None, ge=1)
+    prefetch_factor: int | None = Field(None, ge=1, le=256)
     pin_memory: bool = False
 
     @field_validator("name")
@@ -100,7 +100,7 @@ class ModelConfig(Strict):
 
     name: str | None = None
     target: str | None = None
-    hf: Path | None = None
+    hf: FilePath | None = None
     args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
@@ -124,6 +124,10 @@ class ModelConfig(Strict):
             raise ValueError(f"give one of name, target, hf (got {', '.join(given)})")
         if not given:
             self.name = "mlp"
+        if self.name is not None:
+            from qatkit.components.models import check_model_args
+
+            check_model_args(self.name, self.args)
         return self
 
     @property
@@ -143,7 +147,7 @@ def check_target(v: str) -> str:
 class FloatStage(Strict):
     """The float baseline: trained here, or loaded from a safetensors ``checkpoint``."""
 
-    checkpoint: Path | None = None
+    checkpoint: FilePath | None = None
     """A safetensors state_dict (qatkit's, a plain one, or a Hugging Face folder's model.safetensors)."""
     train: Stages = Field(default_factory=TrainConfig)
     fold_batchnorm: bool = True
@@ -161,7 +165,7 @@ class FloatStage(Strict):
 
 
 class PTQConfig(Strict):
-    calib_batches: int = Field(8, ge=1)
+    calib_batches: int = Field(8, ge=1, le=100_000)
 
 
 class Variant(Strict):
@@ -183,16 +187,16 @@ class Variant(Strict):
 class Recipe(Strict):
     name: Name = "run"
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    base_dir: Path | None = None
+    base_dir: FilePath | None = None
     """The folder relative paths and import targets are resolved from (set to the recipe file's folder when a
     file is read, so a finished run can be re-exported from anywhere)."""
     task: TaskConfig = Field(default_factory=TaskConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     fp32: FloatStage = Field(default_factory=FloatStage)
-    variants: list[Variant] = Field(min_length=1)
+    variants: list[Variant] = Field(min_length=1, max_length=64)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
     @field_validator("variants")

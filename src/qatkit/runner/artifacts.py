@@ -18,6 +18,7 @@ from qatkit.base.batch import InputSpec
 from qatkit.base.extras import check_installed
 from qatkit.export import EXPORTERS, Artifact, Source, verify
 from qatkit.export.config import ExportConfig
+from qatkit.runner.outdir import inside
 from qatkit.runner.report import Report, Row
 from qatkit.tasks import Task
 
@@ -51,7 +52,7 @@ def write_artifacts(
         for src in sources:
             for p in ex.precisions(src, cfg):
                 name = src.stem if p in ("fp32", "int8") or fmt == "packed" else f"{src.stem}_{p}"
-                path = out / fmt / f"{name}{ex.suffix}"
+                path = inside(out, out / fmt / f"{name}{ex.suffix}")
                 art = Artifact(src, fmt, p, path, spec)
                 try:
                     ex.write(src, p, path, example, spec, cfg)

@@ -16,9 +16,10 @@ from rich.console import Console
 from qatkit.components.datasets import load_data
 from qatkit.components.splits import all_inputs, targets_of
 from qatkit.export.config import ExportConfig
-from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata
+from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, require_regular_file
 from qatkit.recipe import Recipe, parse_recipe
 from qatkit.runner.artifacts import Source, check_extras, verify_artifacts, write_artifacts
+from qatkit.runner.outdir import run_lock
 from qatkit.runner.pipeline import make_task
 from qatkit.runner.rebuild import build_info, float_model, load_packed_model
 from qatkit.runner.report import Report
@@ -75,7 +76,7 @@ def export_run(
     report_path = run_dir / "report.json"
     if not report_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no report.json (not a finished qatkit run)")
-    saved = json.loads(report_path.read_text())
+    saved = read_report(report_path)
     export = saved["recipe"].get("export", {})
     if "onnx" in export:  # reports written before export.formats existed had export.onnx: bool
         export["formats"] = ["onnx"] if export.pop("onnx") else []
@@ -83,6 +84,30 @@ def export_run(
     if formats:
         recipe.export = ExportConfig.model_validate({**recipe.export.model_dump(), "formats": formats})
     check_extras(recipe.export)
+    with run_lock(run_dir):
+        return _export(run_dir, recipe, saved, console), recipe
+
+
+def read_report(path: Path) -> dict:
+    """A run's report.json, refused with one line if it is not JSON or lacks the recipe it was run with."""
+    require_regular_file(path)
+    try:
+        saved = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a qatkit report ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict):
+        raise CheckpointError(f"{path}: not a qatkit report (no 'recipe' mapping at the top)")
+    if not isinstance(saved["recipe"].get("export", {}), dict):
+        raise CheckpointError(f"{path}: recipe.export is not a mapping")
+    try:
+        Report.from_dict(saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed qatkit report ({type(e).__name__}: {str(e)[:120]})") from None
+    return saved
+
+
+def _export(run_dir: Path, recipe: Recipe, saved: dict, console: Console) -> Report:
+    """Write and verify the files, update the report (under the run folder's lock)."""
     data = load_data(recipe.data, recipe.task.name, recipe.seed, recipe.base_dir)
     task = make_task(recipe, data)
     sources = run_sources(run_dir, recipe, data, task, console)
@@ -94,4 +119,4 @@ def export_run(
     report.write(run_dir)
     console.print(report.rich_table())
     console.print(f"report: {run_dir / 'report.md'}")
-    return report, recipe
+    return report

@@ -9,6 +9,7 @@ directly to :func:`run` from Python.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -20,16 +21,18 @@ from torch import nn
 
 from qatkit.base.config import RecipeError
 from qatkit.components.datasets import load_data
-from qatkit.components.splits import DataSplits, all_inputs, targets_of
+from qatkit.components.models import check_model
+from qatkit.components.splits import DataSplits, all_inputs, first_inputs, targets_of
 from qatkit.io.checkpoint import read_metadata, save_weights
 from qatkit.recipe import Recipe, Variant
 from qatkit.runner.artifacts import Source, check_extras, check_parity, verify_artifacts, write_artifacts
+from qatkit.runner.outdir import claim, inside, run_lock
 from qatkit.runner.rebuild import build_info, float_model, load_packed_model
 from qatkit.runner.report import Report, Row
 from qatkit.runner.stages import StageRunner, seed_everything
 from qatkit.tasks import TASKS, Task, predict
 from qatkit.train import make_loader
-from qatkit.train.distributed import barrier, init_from_env
+from qatkit.train.distributed import barrier, current, init_from_env
 from qatkit.transform.calibrate import calibrate
 from qatkit.transform.fold import fold_batchnorm
 from qatkit.transform.prepare import prepare, quant_status
@@ -55,20 +58,31 @@ def run(
     resume: str | None = None,
     model: nn.Module | Callable[[], nn.Module] | None = None,
     data: DataSplits | None = None,
+    overwrite: bool = False,
 ) -> Report:
     """Run every stage of ``recipe``; write checkpoints, exported files and the report into ``out_dir``.
 
     ``resume``: None starts afresh; ``"auto"`` skips finished stages and continues the interrupted one from
     its last checkpoint; a checkpoint path continues that checkpoint's stage. Under torchrun every rank
     trains; only rank 0 writes files, exports and verifies. ``model`` (a module, copied, or a factory) and
-    ``data`` replace the recipe's own (for notebooks where nothing is importable).
+    ``data`` replace the recipe's own (for notebooks where nothing is importable). ``out_dir`` must be new,
+    empty or a qatkit run folder; ``overwrite`` lets qatkit write beside foreign files (never replacing them).
     """
     check_extras(recipe.export)
     info = init_from_env()
     console = console or Console()
     console.quiet = console.quiet or not info.main
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out) if info.main else contextlib.nullcontext():
+        if info.main:
+            claim(out, overwrite)
+        barrier()
+        return _run(recipe, out, console, progress, resume, model, data)
+
+
+def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: str | None, model, data) -> Report:
+    """The stages, in order, in a claimed and locked output folder."""
+    info = current()
     t_start = time.perf_counter()
     seed_everything(recipe.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto" else recipe.device
@@ -86,10 +100,12 @@ def run(
             return float_model(recipe.model, recipe.base_dir, data.input_shape, task.num_outputs(), False)
         return copy.deepcopy(model) if isinstance(model, nn.Module) else model()
 
+    check_model(new_model, first_inputs(data.test), meta=model is None and recipe.model.hf is None)
+
     sources: list[Source] = []
 
     def save(name: str, m: nn.Module, meta: dict) -> Path:
-        path = out / name
+        path = inside(out, out / name)
         if info.main:
             save_weights(path, m.state_dict(), dict(fingerprint, **meta))
         barrier()

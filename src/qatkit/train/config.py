@@ -8,9 +8,12 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from qatkit.base.config import UNION_TAGS, Name, Strict, one_of
 
+ClassWeights = Annotated[list[Annotated[float, Field(ge=0, le=1e6)]], Field(min_length=2, max_length=100_000)]
+"""One non-negative weight per class."""
+
 
 class EarlyStopping(Strict):
-    patience: int = Field(10, ge=1)
+    patience: int = Field(10, ge=1, le=100_000)
     min_delta: float = Field(0.0, ge=0.0)
 
 
@@ -18,7 +21,7 @@ class GuardConfig(Strict):
     """Automatic recovery from divergence (seed 002) and accuracy collapse (seed 000)."""
 
     enabled: bool = True
-    nonfinite_skips: int = Field(3, ge=1)
+    nonfinite_skips: int = Field(3, ge=1, le=1000)
     """Consecutive non-finite steps skipped before rolling back to the last good checkpoint."""
     collapse_drop: float = Field(5.0, gt=0)
     """Validation metric drop in one epoch (points, i.e. percent for accuracy) that counts as a collapse."""
@@ -28,14 +31,14 @@ class GuardConfig(Strict):
     """A drop must also exceed this many standard errors of the validation accuracy (sqrt(p(1-p)/n)), so a
     one-sample wobble on a small validation set is not taken for a collapse."""
     lr_factor: float = Field(0.5, gt=0, lt=1)
-    max_interventions: int = Field(3, ge=0)
+    max_interventions: int = Field(3, ge=0, le=100)
 
 
 class CheckpointConfig(Strict):
     """Training-state checkpoints: ``last`` and ``best`` every epoch, plus every N optimiser steps."""
 
-    every_steps: int = Field(0, ge=0)
-    keep: int = Field(3, ge=1)
+    every_steps: int = Field(0, ge=0, le=10**9)
+    keep: int = Field(3, ge=1, le=1000)
 
 
 class LoggingConfig(Strict):
@@ -50,25 +53,27 @@ class TrainConfig(Strict):
     """One training stage: optimiser, schedule, regularisation, stopping, guards, checkpoints, logging."""
 
     name: Name | None = None
-    epochs: int = Field(20, ge=0)
-    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimiser steps (None: epochs)")
+    epochs: int = Field(20, ge=0, le=100_000)
+    max_steps: Optional[int] = Field(
+        None, ge=1, le=10**9, description="stop after this many optimiser steps (None: epochs)"
+    )
     lr: float = Field(1e-3, gt=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     schedule: str = "constant"
-    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0, le=100_000)
     end_lr: float = Field(0.0, ge=0)
     power: float = Field(1.0, gt=0)
-    step_epochs: int = Field(10, ge=1)
+    step_epochs: int = Field(10, ge=1, le=100_000)
     gamma: float = Field(0.1, gt=0, le=1)
-    plateau_patience: int = Field(10, ge=1)
+    plateau_patience: int = Field(10, ge=1, le=100_000)
     plateau_factor: float = Field(0.5, gt=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
     grad_clip_value: float | None = Field(None, gt=0)
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, le=4096)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weights: Literal["balanced"] | list[float] | None = None
+    class_weights: Literal["balanced"] | ClassWeights | None = None
     monitor: str | None = None
     """The validation metric that picks the best epoch and drives early stopping, the plateau schedule and the
     collapse guard; any metric of the task (default: accuracy for classes, loss for regression)."""
@@ -76,8 +81,8 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     validation: bool = True
     quantize: bool = True
-    fake_quant_delay_steps: int = Field(0, ge=0)
-    freeze_observers_after_steps: int | None = Field(None, ge=0)
+    fake_quant_delay_steps: int = Field(0, ge=0, le=10**9)
+    freeze_observers_after_steps: int | None = Field(None, ge=0, le=10**9)
     quant_lr: float | None = Field(None, gt=0)
     guards: GuardConfig = Field(default_factory=GuardConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
@@ -102,7 +107,10 @@ UNION_TAGS.update(STAGE_TAGS)
 """Union tags of :data:`Stages`; error messages leave them out of field paths."""
 
 Stages = Annotated[
-    Union[Annotated[TrainConfig, Tag("one-stage")], Annotated[list[TrainConfig], Tag("stages")]],  # noqa: UP007
+    Union[
+        Annotated[TrainConfig, Tag("one-stage")],
+        Annotated[Annotated[list[TrainConfig], Field(min_length=1, max_length=64)], Tag("stages")],
+    ],  # noqa: UP007
     Discriminator(lambda v: "stages" if isinstance(v, list) else "one-stage"),
 ]
 """One training stage, or a list of stages run one after another."""

@@ -20,7 +20,7 @@ class TensorQuant(Strict):
     signed: bool = True
     symmetric: bool = True
     granularity: Literal["tensor", "channel", "group"] = "channel"
-    group_size: int = Field(0, ge=0)
+    group_size: int = Field(0, ge=0, le=1 << 20)
     narrow_range: bool = False
     observer: str = "minmax"
     learnable: bool = False
@@ -58,9 +58,9 @@ class ActivationQuant(TensorQuant):
 class Rule(Strict):
     """Which layers to quantize and how. ``match``/``exclude``: globs on qualified names, or ``re:REGEX``."""
 
-    match: list[str] = Field(default_factory=list)
-    types: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
+    match: list[str] = Field(default_factory=list, max_length=1000)
+    types: list[str] = Field(default_factory=list, max_length=100)
+    exclude: list[str] = Field(default_factory=list, max_length=1000)
     weight: WeightQuant | None = Field(default_factory=WeightQuant)
     activation: ActivationQuant | None = None
     output: ActivationQuant | Literal[False] | None = None
@@ -116,7 +116,7 @@ class QuantRecipe(Strict):
     """A preset by name and/or explicit rules; explicit rules come first, so they override the preset."""
 
     preset: str | None = None
-    rules: list[Rule] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list, max_length=1000)
     outputs: Literal["rules", "where_needed"] = "where_needed"
     """``where_needed`` (the default): outputs are quantized where a rule says ``output:``, and also for every
     quantized layer whose output feeds anything but another quantized layer (pooling, residual add, the logits),
