@@ -181,3 +181,34 @@ def test_checkpoint_body_bit_flip_nan_and_dtype_are_refused(tmp_path):
         load_weights(tmp_path / "foreign.safetensors", allow_foreign=True)
     with pytest.raises(CheckpointError, match="n has dtype torch.int64, the model has torch.float32"):
         check_state_fits("x", {"n": torch.zeros(4)}, {"n": torch.arange(4)})
+
+
+@pytest.mark.parametrize(
+    "content, what",
+    [
+        (b"", "malformed JSON"),
+        (b"[1, 2]", "got a JSON list"),
+        (b'{"recipe": []}', "no 'recipe' mapping"),
+        (b'{"recipe": {"name": "x"}, "rows": {"a": 1}}', "malformed qatkit report"),
+        (b"\xa1\xa2", "not UTF-8"),
+    ],
+)
+def test_malformed_report_is_one_line_naming_it(tmp_path, content, what):
+    (tmp_path / "report.json").write_bytes(content)
+    r = qatkit_cli("export", str(tmp_path))
+    assert r.returncode == 2 and "report.json" in r.stderr and what in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_special_files_where_data_or_configs_belong_are_refused(tmp_path):
+    from qatkit.components.datafiles import load_file
+    from qatkit.components.hf import load_hf_classifier
+    from qatkit.components.splits import DataError
+
+    os.mkfifo(tmp_path / "data.npz")
+    with pytest.raises(DataError, match="data.npz: not a regular file"):
+        load_file(tmp_path / "data.npz", task="classification")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{bad")
+    with pytest.raises(RecipeError, match="config.json: malformed JSON"):
+        load_hf_classifier(tmp_path / "hf")

@@ -22,13 +22,13 @@ def load_for_inference(path: str, base: str | None):
     """A packed folder, a LUT checkpoint (.safetensors) or a plain float model: ``(model, tokenizer, label)``."""
     from qatkit.lm.checkpoint import load_lut_model
     from qatkit.lm.hf import load_causal_lm
-    from qatkit.lm.pack import FORMAT, load_packed
+    from qatkit.lm.pack import load_packed
 
     p = Path(path)
-    if (p / "model.safetensors").exists() and _json_format(p / "config.json") == FORMAT:
+    if _is_packed(p):
         model, tok = load_packed(p, base)
         return model, tok, "packed LUT model"
-    if p.suffix == ".safetensors" and p.is_file():
+    if p.suffix == ".safetensors":
         model, tok, _ = load_lut_model(p, base)
         return model, tok, "LUT checkpoint"
     model, tok = load_causal_lm(path)
@@ -37,15 +37,15 @@ def load_for_inference(path: str, base: str | None):
 
 def load_quant_config(path: Path | None, flags: dict):
     """An ``LMQuantConfig`` from a YAML file (its keys win over the flags) or from the flags alone."""
-    import yaml
     from pydantic import ValidationError
 
     from qatkit.base.config import RecipeError, format_validation_error
     from qatkit.lm.rules import LMQuantConfig
+    from qatkit.recipe.load import read_yaml
 
     data = dict(flags)
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = read_yaml(path, "a quantization config") or {}
         if not isinstance(loaded, dict):
             raise RecipeError(f"{path}: expected a mapping of LMQuantConfig keys")
         data.update(loaded)
@@ -57,14 +57,16 @@ def load_quant_config(path: Path | None, flags: dict):
         raise RecipeError(f"{path or 'LM quantization flags'}: {format_validation_error(e, LMQuantConfig)}") from None
 
 
-def _json_format(path: Path) -> str | None:
-    """The ``format`` field of a JSON file, or None (a float model's config.json has none)."""
-    import json
+def _is_packed(folder: Path) -> bool:
+    """Whether ``folder`` holds model.safetensors and a config.json of the packed format (checked, one-line error)."""
+    from qatkit.io.checkpoint import CheckpointError
+    from qatkit.io.jsonfile import read_json_object
+    from qatkit.lm.pack import FORMAT
 
-    try:
-        return json.loads(path.read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        return None
+    config = folder / "config.json"
+    if not ((folder / "model.safetensors").exists() and config.exists()):
+        return False
+    return read_json_object(config, CheckpointError, "a model's config.json").get("format") == FORMAT
 
 
 def kd_cache(
@@ -172,7 +174,7 @@ def lm_convert(
     if to != "v2" and to not in PRESETS:
         raise ValueError(f"--to {to!r} is not one of v2, {', '.join(PRESETS)}")
     student, tok, meta = load_lut_model(checkpoint, model)
-    data = KDCache(cache, tok, "eval") if cache else None
+    data = KDCache(cache, tok, "eval", student) if cache else None
     before = kd_eval(student, data, KDTask()) if data is not None else None
     if to == "v2":
         console.print(f"V1 -> V2 with frozen indices: {v1_to_v2(student)} layers")
@@ -205,7 +207,7 @@ def snap(
     from qatkit.lm.train import kd_eval
 
     student, tok, meta = load_lut_model(checkpoint, model)
-    data = KDCache(cache, tok, "eval") if cache else None
+    data = KDCache(cache, tok, "eval", student) if cache else None
     before = kd_eval(student, data, KDTask()) if data is not None else None
     snap_model(student)
     report = save_packed(out, student, base=model_id(model) if model else meta["base"], tokenizer=tok)

@@ -67,8 +67,8 @@ def load_file(
         raise DataError(f"{path}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"{path}: val_fraction must be in [0, 1); got {val_fraction}")
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+    if not path.is_file():  # a FIFO would block the reader; a folder is not a data file
+        raise DataError(f"{path}: {'file not found' if not path.exists() else 'not a regular file'}")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use {', '.join(SUFFIXES)}")

@@ -3,7 +3,6 @@ remote code, wrapped so that it returns a logits tensor (what tasks, exporters a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 
 from qatkit.base.config import RecipeError
 from qatkit.base.extras import require
+from qatkit.io.jsonfile import read_json_object
 
 HEADS = {"ForSequenceClassification": "AutoModelForSequenceClassification",
          "ForImageClassification": "AutoModelForImageClassification"}  # fmt: skip
@@ -35,7 +35,9 @@ def load_hf_classifier(folder: Path) -> nn.Module:
     if any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
         raise RecipeError(f"model.hf: {folder} holds pickled *.bin weights only; save it with "
                           "save_pretrained(..., safe_serialization=True) to get model.safetensors")  # fmt: skip
-    archs = json.loads(config.read_text()).get("architectures") or []
+    archs = read_json_object(config, RecipeError, "a Hugging Face config").get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise RecipeError(f"{config}: architectures is not a list of class names")
     head = next((HEADS[k] for a in archs for k in HEADS if a.endswith(k)), None)
     if head is None:
         raise RecipeError(f"model.hf: {folder} is a {', '.join(archs) or 'model without architectures'}; qatkit runs "

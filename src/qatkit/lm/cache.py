@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from qatkit.io.checkpoint import atomic_write_bytes
+from qatkit.io.jsonfile import read_json_object
 from qatkit.lm.corpus import split_holdout
 from qatkit.lm.hf import tokenizer_fingerprint
 
@@ -40,6 +41,10 @@ SETTINGS = (
     "sequences_sha256",
 )
 _INT_KEYS = ("seq_len", "top_k", "negatives", "vocab_size", "num_sequences", "shard_size", "seed")
+_MINIMA = {"seq_len": 2, "top_k": 1, "negatives": 0, "vocab_size": 1, "num_sequences": 1, "shard_size": 1}
+_STR_KEYS = ("teacher", "tokenizer", "sequences_sha256")
+SPLITS = ("train", "eval", "all")
+_CHECK_ROWS = 64
 
 
 class CacheError(ValueError):
@@ -81,27 +86,47 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     """Load and check ``folder/manifest.json``; CacheError if it is missing, corrupt or not a qatkit KD cache."""
     path = Path(folder) / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         raise CacheError(f"no KD cache at {folder}: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CacheError(f"corrupt KD cache manifest {path}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_object(path, CacheError, "a KD cache manifest")
+    if manifest.get("format") != FORMAT:
         raise CacheError(f"{path} is not a qatkit KD cache manifest (format should be {FORMAT!r})")
-    if manifest.get("version") != VERSION:
+    if type(manifest.get("version")) is not int or manifest["version"] != VERSION:
         raise CacheError(
             f"{path} has KD cache version {manifest.get('version')!r}; this qatkit reads version {VERSION}"
         )
     missing = [k for k in (*SETTINGS, "shards", "eval_sequences") if k not in manifest]
     if missing:
         raise CacheError(f"corrupt KD cache manifest {path}: missing keys {', '.join(missing)}")
-    bad = [k for k in _INT_KEYS if not isinstance(manifest[k], int) or isinstance(manifest[k], bool)]
-    if bad or manifest["seq_len"] < 2 or manifest["top_k"] < 1 or manifest["shard_size"] < 1:
-        raise CacheError(f"corrupt KD cache manifest {path}: bad values for {', '.join(bad) or 'sizes'}")
-    if not isinstance(manifest["shards"], list) or not isinstance(manifest["eval_sequences"], list):
-        raise CacheError(f"corrupt KD cache manifest {path}: 'shards' and 'eval_sequences' must be lists")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CacheError(f"corrupt KD cache manifest {path}: {problem}")
     return manifest
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with the manifest's values (types, ranges), or None: nothing later indexes with bad numbers."""
+    for k in _INT_KEYS:
+        if type(m[k]) is not int:
+            return f"{k!r} must be an integer, got {m[k]!r}"
+    for k, low in _MINIMA.items():
+        if m[k] < low:
+            return f"{k!r} must be >= {low}, got {m[k]}"
+    if m["top_k"] + m["negatives"] > m["vocab_size"]:
+        return f"top_k + negatives = {m['top_k'] + m['negatives']} exceeds vocab_size {m['vocab_size']}"
+    for k in _STR_KEYS:
+        if not isinstance(m[k], str):
+            return f"{k!r} must be a string, got {m[k]!r}"
+    if type(m["eval_fraction"]) not in (int, float) or not 0 <= m["eval_fraction"] < 1:
+        return f"'eval_fraction' must be a number in [0, 1), got {m['eval_fraction']!r}"
+    if m.get("dtype", "float16") != "float16":
+        return f"'dtype' must be 'float16', got {m['dtype']!r}"
+    if not isinstance(m["shards"], list) or not all(isinstance(x, str) for x in m["shards"]):
+        return "'shards' must be a list of shard names"
+    ev, n = m["eval_sequences"], m["num_sequences"]
+    if not isinstance(ev, list) or not all(type(i) is int and 0 <= i < n for i in ev):
+        return f"'eval_sequences' must be a list of sequence numbers in [0, {n})"
+    return None
 
 
 def _vocab_size(teacher: torch.nn.Module) -> int:
@@ -266,58 +291,73 @@ def build_kd_cache(
 
 
 class KDCache(Dataset):
-    """A torch Dataset over a finished KD cache (memory-mapped shards); ``split`` is "train", "eval" or "all"."""
+    """A torch Dataset over a finished KD cache (memory-mapped shards); ``split`` is "train", "eval" or "all".
 
-    def __init__(self, folder: str | Path, tokenizer: Any = None, split: str = "train"):
+    Opening checks every shard file (shape, dtype, token ids within the vocabulary, finite logits); with
+    ``model`` (the student), its vocabulary must be the cache's.
+    """
+
+    def __init__(self, folder: str | Path, tokenizer: Any = None, split: str = "train", model: Any = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
         self.folder = Path(folder)
-        self._manifest = read_manifest(self.folder)
+        self._manifest = m = read_manifest(self.folder)
+        self._check_users(tokenizer, model)
+        self._check_shard_list()
+        self._arrays: list[dict[str, np.ndarray]] | None = self._open(check=True)
+        self.split = split
+        held = set(m["eval_sequences"])
+        if split == "eval":
+            self.indices = sorted(held)
+        else:
+            self.indices = [i for i in range(m["num_sequences"]) if split == "all" or i not in held]
+
+    def _check_users(self, tokenizer: Any, model: Any) -> None:
+        """Refuse a tokenizer other than the cache's, and a model whose vocabulary is not the cache's."""
         m = self._manifest
-        if tokenizer is not None:
-            fp = tokenizer_fingerprint(tokenizer)
-            if fp != m["tokenizer"]:
-                raise CacheError(
-                    f"the KD cache at {folder} was made with another tokenizer (cache {m['tokenizer']}, given {fp})"
-                )
-        expected = [shard_name(s) for s in range(_num_shards(m))]
-        if sorted(m["shards"]) != expected:
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) != m["tokenizer"]:
+            raise CacheError(f"the KD cache at {self.folder} was made with another tokenizer (cache {m['tokenizer']}, "
+                             f"given {tokenizer_fingerprint(tokenizer)})")  # fmt: skip
+        if model is not None and _vocab_size(model) != m["vocab_size"]:
+            raise CacheError(f"the KD cache at {self.folder} holds teacher logits over {m['vocab_size']} token ids, "
+                             f"but the model has {_vocab_size(model)} output logits (another vocabulary)")  # fmt: skip
+
+    def _check_shard_list(self) -> None:
+        """Refuse a manifest listing fewer shards than its sequences need (unfinished) or other names (corrupt)."""
+        listed, n = self._manifest["shards"], _num_shards(self._manifest)
+        if len(listed) < n:
             raise CacheError(
-                f"the KD cache at {folder} is incomplete ({len(m['shards'])} of {len(expected)} shards); "
+                f"the KD cache at {self.folder} is incomplete ({len(listed)} of {n} shards); "
                 "rerun the build to finish it"
             )
-        eval_ids = m["eval_sequences"]
-        if not all(isinstance(i, int) and 0 <= i < m["num_sequences"] for i in eval_ids):
-            raise CacheError(f"corrupt KD cache manifest in {folder}: eval_sequences out of range")
-        if split == "eval":
-            self.indices = sorted(eval_ids)
-        elif split == "train":
-            held = set(eval_ids)
-            self.indices = [i for i in range(m["num_sequences"]) if i not in held]
-        elif split == "all":
-            self.indices = list(range(m["num_sequences"]))
-        else:
-            raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
-        self.split = split
-        self._arrays: list[dict[str, np.ndarray]] | None = self._open()
+        if sorted(listed) != [shard_name(s) for s in range(len(listed))] or len(listed) != n:
+            raise CacheError(f"corrupt KD cache manifest {self.folder / MANIFEST}: 'shards' should be {shard_name(0)} "
+                             f"to {shard_name(n - 1)}")  # fmt: skip
 
-    def _open(self) -> list[dict[str, np.ndarray]]:
+    def _open(self, check: bool = False) -> list[dict[str, np.ndarray]]:
         m = self._manifest
         shards = []
         for s in range(_num_shards(m)):
             specs = _array_specs(_shard_rows(m, s), m["seq_len"], m["top_k"], m["negatives"])
-            arrays = {}
-            for f, (shape, dtype) in specs.items():
-                path = self.folder / f"{shard_name(s)}.{f}.npy"
-                if not path.is_file():
-                    raise CacheError(f"KD cache file {path} is missing")
-                try:
-                    arr = np.load(path, mmap_mode="r")
-                except (ValueError, OSError) as e:
-                    raise CacheError(f"KD cache file {path} is unreadable: {e}") from None
-                if arr.shape != shape or arr.dtype != dtype:
-                    raise CacheError(f"KD cache file {path} is {arr.shape} {arr.dtype}, expected {shape} {dtype}")
-                arrays[f] = arr
-            shards.append(arrays)
+            shards.append({f: self._load(s, f, shape, dtype, check) for f, (shape, dtype) in specs.items()})
         return shards
+
+    def _load(self, shard: int, field: str, shape: tuple[int, ...], dtype: np.dtype, check: bool) -> np.ndarray:
+        """One shard array, memory-mapped; CacheError unless a regular .npy file of that shape and dtype."""
+        path = self.folder / f"{shard_name(shard)}.{field}.npy"
+        if not path.is_file():  # a FIFO is never opened (it would block)
+            raise CacheError(f"KD cache file {path} is {'missing' if not path.exists() else 'not a regular file'}")
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:  # numpy raises several types for a bad header or a short file
+            raise CacheError(f"KD cache file {path} is unreadable: {str(e).splitlines()[0][:200]}") from None
+        if not isinstance(arr, np.ndarray):
+            raise CacheError(f"KD cache file {path} is not a .npy array")
+        if arr.shape != shape or arr.dtype != dtype:
+            raise CacheError(f"KD cache file {path} is {arr.shape} {arr.dtype}, expected {shape} {dtype}")
+        if check:
+            _check_values(path, field, arr, self._manifest["vocab_size"])
+        return arr
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -344,7 +384,7 @@ class KDCache(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if self._arrays is None:
-            self._arrays = self._open()
+            self._arrays = self._open()  # checked when the dataset was made
         shard, row = divmod(self.indices[i], self._manifest["shard_size"])
         arrays = self._arrays[shard]
         out = {}
@@ -357,3 +397,15 @@ class KDCache(Dataset):
         state = self.__dict__.copy()
         state["_arrays"] = None  # memory maps are reopened in the receiving process
         return state
+
+
+def _check_values(path: Path, field: str, arr: np.ndarray, vocab: int) -> None:
+    """Refuse NaN/inf teacher logits and token ids outside [0, vocab), naming the file and the first bad entry."""
+    logits = field.endswith("logits")
+    for start in range(0, arr.shape[0], _CHECK_ROWS):
+        block = np.asarray(arr[start : start + _CHECK_ROWS])
+        bad = ~np.isfinite(block) if logits else (block < 0) | (block >= vocab)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            what = "non-finite teacher logit" if logits else f"token id outside the vocabulary [0, {vocab}):"
+            raise CacheError(f"KD cache file {path}: {what} {block[at]} at index {(start + at[0], *at[1:])}")

@@ -2,16 +2,20 @@
 
 The rest of the model (embeddings, norms, lm_head) is the base model's, so a checkpoint names its base (a
 folder, a .gguf file or ``smollm2``) and the tokenizer's fingerprint; loading refuses another tokenizer.
+Everything read is checked before the model changes: layer names and settings against the model, tensor
+names, shapes, dtypes and finiteness against the layers they rebuild, indices against their tables.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
 from qatkit.lm.rules import layer_specs, lut_layers, rebuild_lm, set_trainable
+from qatkit.nn.lut_linear import LUTLinear, LUTSpec
 
 KIND = "lut-lm"
 
@@ -24,10 +28,57 @@ def save_lut_model(path: str | Path, model: nn.Module, *, base: str, tokenizer_f
     return save_weights(path, state, meta)
 
 
+def check_record(source: str | Path, record: dict) -> None:
+    """Refuse a checkpoint record without string ``base`` and ``tokenizer`` and a mapping of ``layers``."""
+    for key in ("base", "tokenizer"):
+        if not isinstance(record.get(key), str) or not record[key]:
+            raise CheckpointError(f"{source}: {key!r} must be a non-empty string, got {record.get(key)!r}")
+    if not isinstance(record.get("layers"), dict) or not record["layers"]:
+        raise CheckpointError(f"{source}: 'layers' must be a non-empty mapping of layer name to LUT settings")
+
+
+def lut_templates(source: str | Path, model: nn.Module, specs: dict) -> dict[str, LUTLinear]:
+    """The LUT layers ``specs`` describe, empty on the meta device (no memory), to check tensors against.
+
+    Refuses a name that is not a Linear layer of ``model`` and invalid settings; an existing LUT layer is its own.
+    """
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, LUTLinear))}
+    out = {}
+    for name, spec in specs.items():
+        m = linear.get(name)
+        if m is None:
+            shown = ", ".join(list(linear)[:6]) + (f" (+{len(linear) - 6} more)" if len(linear) > 6 else "")
+            raise CheckpointError(f"{source}: layers: {name!r} is not a Linear layer of {type(model).__name__} "
+                                  f"(its Linear layers: {shown or 'none'})")  # fmt: skip
+        try:
+            s = LUTSpec.from_dict(spec)
+            with torch.device("meta"):
+                out[name] = m if isinstance(m, LUTLinear) else LUTLinear(m.in_features, m.out_features,
+                                                                         m.bias is not None, s)  # fmt: skip
+        except ValueError as e:
+            raise CheckpointError(f"{source}: layers: {name!r}: {e}") from None
+    return out
+
+
+def check_indices(source: str | Path, name: str, index: torch.Tensor, entries: int) -> None:
+    """Refuse LUT indices that point past the end of their table of ``entries`` entries."""
+    if index.numel() and int(index.max()) >= entries:
+        raise CheckpointError(f"{source}: tensor {name!r} holds index {int(index.max())}, but its table has only "
+                              f"{entries} entries")  # fmt: skip
+
+
+def check_weight_finite(source: str | Path, name: str, weight: torch.Tensor) -> None:
+    """Refuse a layer whose table values times scales overflow to inf (each finite on its own)."""
+    if not bool(torch.isfinite(weight).all()):
+        raise CheckpointError(f"{source}: layer {name!r}: table values times scales overflow to inf or NaN")
+
+
 def read_lut_metadata(path: str | Path) -> dict:
+    """The checked metadata of a LUT checkpoint (kind, base, tokenizer, layers)."""
     meta = read_metadata(path)
     if meta.get("kind") != KIND:
         raise CheckpointError(f"{path}: not a LUT model checkpoint (kind {meta.get('kind')!r}, expected {KIND!r})")
+    check_record(path, meta)
     return meta
 
 
@@ -38,10 +89,15 @@ def apply_lut_checkpoint(model: nn.Module, path: str | Path, tokenizer_fp: str |
         raise CheckpointError(f"{path}: made with another tokenizer (fingerprint {meta['tokenizer']}, this model's "
                               f"tokenizer is {tokenizer_fp})")  # fmt: skip
     state = load_weights(path)
+    templates = lut_templates(path, model, meta["layers"])
+    check_state_fits(path, {f"{n}.{k}": v for n, m in templates.items() for k, v in m.state_dict().items()}, state)
+    for n, m in templates.items():
+        check_indices(path, f"{n}.index", state[f"{n}.index"], m.lut.shape[1])
     rebuild_lm(model, meta["layers"])
-    layers = lut_layers(model)
-    check_state_fits(path, {f"{n}.{k}": v for n, m in layers.items() for k, v in m.state_dict().items()}, state)
     model.load_state_dict(state, strict=False)
+    layers = lut_layers(model)
+    for n in templates:
+        check_weight_finite(path, n, layers[n].dequantized_weight())
     set_trainable(model)
     return meta
 

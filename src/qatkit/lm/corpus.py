@@ -22,6 +22,8 @@ def read_texts(paths: list[Path], text_field: str = "text") -> list[Document]:
                 raise ValueError(f"corpus folder {path} has no .txt or .jsonl files")
         elif path.is_file():  # a file named explicitly is plain text unless it is .jsonl (licence files have no suffix)
             files = [path]
+        elif path.exists():  # a FIFO or device: never opened (it could block or never end)
+            raise ValueError(f"corpus path {path} is not a regular file or folder")
         else:
             raise FileNotFoundError(f"corpus path {path} does not exist")
         for f in files:
@@ -35,19 +37,21 @@ def read_texts(paths: list[Path], text_field: str = "text") -> list[Document]:
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"corpus file {path} is not UTF-8 text (give .txt or .jsonl files)") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus file {path} is not UTF-8 text (byte {e.start}; give .txt or .jsonl files)") from None
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[Document]:
     docs: list[Document] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # an over-long integer, or nesting deeper than Python recurses
+            raise ValueError(f"{path}:{n}: invalid JSON ({type(e).__name__})") from None
         if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
             docs.append(obj[text_field])
         elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):

@@ -3,7 +3,8 @@
 A packed folder holds ``model.safetensors`` (per LUT layer: ``codes`` uint8, ``lut`` and the scale factors in
 FP16, bias as stored) and ``config.json`` (base model, tokenizer fingerprint, layer settings, bits per
 weight). Loading rebuilds the Hugging Face model with frozen LUT layers that compute exactly what the snapped
-model computed. Embeddings, norms and lm_head come from the base model (they are not quantized).
+model computed. Embeddings, norms and lm_head come from the base model (they are not quantized). Loading
+checks the config against the model and every tensor's name, dtype, shape, finiteness and index range.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qatkit.io.checkpoint import CheckpointError, atomic_write_bytes, load_weights, save_weights
+from qatkit.io.checkpoint import CheckpointError, atomic_write_bytes, check_state_fits, load_weights, save_weights
+from qatkit.io.jsonfile import read_json_object
+from qatkit.lm.checkpoint import check_indices, check_record, check_weight_finite, lut_templates
 from qatkit.lm.rules import bits_per_weight, freeze_q_all, lut_layers, rebuild_lm
-from qatkit.quant.packing import pack_bits, unpack_bits
+from qatkit.nn.lut_linear import LUTLinear
+from qatkit.quant.packing import pack_bits, packed_nbytes, unpack_bits
 
 FORMAT = "qatkit-packed-lut"
+VERSION = 1
+LAYER_KEYS = ("spec", "in_features", "out_features", "code_bits")
 
 
 def snap_model(model: nn.Module) -> int:
@@ -55,47 +61,80 @@ def save_packed(folder: str | Path, model: nn.Module, *, base: str, tokenizer) -
     size = path.stat().st_size
     report = {"file_bytes": size, "weights": weights, "file_bits_per_weight": 8 * size / max(weights, 1),
               "fp16_bytes": 2 * weights, "size_vs_fp16": size / max(2 * weights, 1), **bits_per_weight(model)}  # fmt: skip
-    config = {"format": FORMAT, "version": 1, "base": base, "tokenizer": tokenizer_fingerprint(tokenizer),
+    config = {"format": FORMAT, "version": VERSION, "base": base, "tokenizer": tokenizer_fingerprint(tokenizer),
               "layers": layers, "report": report}  # fmt: skip
     atomic_write_bytes(folder / "config.json", json.dumps(config, indent=1).encode())
     return report
 
 
 def read_packed_config(folder: str | Path) -> dict:
+    """The checked ``config.json`` of a packed folder: format, version, base, tokenizer and per-layer records."""
     path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: no readable packed config.json ({e})") from None
+    config = read_json_object(path, CheckpointError, "a packed LUT model's config.json")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{folder}: not a packed LUT model (format {config.get('format')!r})")
+    if type(config.get("version")) is not int or config["version"] != VERSION:
+        raise CheckpointError(f"{path}: packed format version {config.get('version')!r}; this qatkit reads {VERSION}")
+    check_record(path, config)
+    for name, info in config["layers"].items():
+        if not isinstance(info, dict) or not set(LAYER_KEYS) <= set(info):
+            raise CheckpointError(f"{path}: layers: {name!r} must be a mapping with keys {', '.join(LAYER_KEYS)}")
     return config
+
+
+def _check_layer_info(source: Path, name: str, info: dict, m: LUTLinear) -> None:
+    """Refuse a layer record whose sizes differ from the model's layer or whose code width is not its bits'."""
+    for key in ("in_features", "out_features"):
+        if type(info[key]) is not int or info[key] != getattr(m, key):
+            raise CheckpointError(f"{source}: layers: {name!r}: {key} is {info[key]!r}, the model's layer has "
+                                  f"{getattr(m, key)}")  # fmt: skip
+    if type(info["code_bits"]) is not int or info["code_bits"] != _code_bits(m.spec.bits):
+        raise CheckpointError(f"{source}: layers: {name!r}: code_bits is {info['code_bits']!r}; {m.spec.bits}-bit "
+                              f"tables are packed as {_code_bits(m.spec.bits)}-bit codes")  # fmt: skip
+
+
+def _packed_tensors(layers: dict[str, LUTLinear]) -> dict[str, torch.Tensor]:
+    """What a packed file holds for these layers, on the meta device: codes, FP16 table and scales, bias."""
+    want = {}
+    for name, m in layers.items():
+        nbytes = packed_nbytes(m.index.numel(), _code_bits(m.spec.bits))
+        want[f"{name}.codes"] = torch.empty(nbytes, dtype=torch.uint8, device="meta")
+        want[f"{name}.lut"] = m.lut.to("meta", torch.float16)
+        want.update({f"{name}.{s}": p.to("meta", torch.float16) for s, p in m.scale_params().items()})
+        if m.bias is not None:
+            want[f"{name}.bias"] = m.bias.to("meta")
+    return want
 
 
 @torch.no_grad()
 def apply_packed(model: nn.Module, folder: str | Path, tokenizer_fp: str | None = None) -> dict:
     """Put the packed LUT layers into the float base ``model`` (frozen, FP16 values in float32); returns config."""
     folder = Path(folder)
-    config = read_packed_config(folder)
+    config, path = read_packed_config(folder), folder / "model.safetensors"
     if tokenizer_fp is not None and config["tokenizer"] != tokenizer_fp:
         raise CheckpointError(f"{folder}: packed for another tokenizer ({config['tokenizer']} vs {tokenizer_fp})")
-    tensors = load_weights(folder / "model.safetensors", expect={"kind": FORMAT})
-    rebuild_lm(model, {n: v["spec"] for n, v in config["layers"].items()})
+    tensors = load_weights(path, expect={"kind": FORMAT})
+    specs = {n: v["spec"] for n, v in config["layers"].items()}
+    templates = lut_templates(folder / "config.json", model, specs)
+    for name, m in templates.items():
+        _check_layer_info(folder / "config.json", name, config["layers"][name], m)
+    check_state_fits(path, _packed_tensors(templates), tensors)
+    rebuild_lm(model, specs)
     layers = lut_layers(model)
-    for name, info in config["layers"].items():
+    for name in templates:
         m = layers[name]
-        try:
-            m.index.copy_(unpack_bits(tensors[f"{name}.codes"], info["code_bits"], tuple(m.index.shape)))
-            m.lut.copy_(tensors[f"{name}.lut"].float())
-            for s, p in m.scale_params().items():
-                p.copy_(tensors[f"{name}.{s}"].float())
-            if m.bias is not None:
-                m.bias.copy_(tensors[f"{name}.bias"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{folder}: layer {name} does not fit the packed data ({e})") from None
+        index = unpack_bits(tensors[f"{name}.codes"], _code_bits(m.spec.bits), tuple(m.index.shape))
+        check_indices(path, f"{name}.codes", index, m.lut.shape[1])
+        m.index.copy_(index)
+        m.lut.copy_(tensors[f"{name}.lut"].float())
+        for s, p in m.scale_params().items():
+            p.copy_(tensors[f"{name}.{s}"].float())
+        if m.bias is not None:
+            m.bias.copy_(tensors[f"{name}.bias"])
         m.frozen.fill_(True)
         m.weight.requires_grad_(False)
         m.weight.copy_(m.dequantized_weight())
+        check_weight_finite(path, name, m.weight)
     return config
 
 

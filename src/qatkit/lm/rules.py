@@ -137,7 +137,7 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
     return {n: m.spec.to_dict() for n, m in model.named_modules() if isinstance(m, LUTLinear)}
 
 
-def rebuild_lm(model: nn.Module, specs: dict[str, dict]) -> None:
+def rebuild_lm(model: nn.Module, specs: dict[str, dict | LUTSpec]) -> None:
     """Give a float model the LUTLinear layers a checkpoint describes (empty; load the state dict next)."""
     for name, spec in specs.items():
         parent, child = _parent(model, name)
@@ -146,7 +146,7 @@ def rebuild_lm(model: nn.Module, specs: dict[str, dict]) -> None:
             continue
         if not isinstance(linear, nn.Linear):
             raise RecipeError(f"checkpoint names LUT layer {name!r} but the model has {type(linear).__name__} there")
-        s = LUTSpec(**spec)
+        s = spec if isinstance(spec, LUTSpec) else LUTSpec.from_dict(spec)
         m = LUTLinear(linear.in_features, linear.out_features, linear.bias is not None, s)
         setattr(parent, child, m.to(linear.weight.device))
 

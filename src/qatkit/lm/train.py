@@ -80,7 +80,7 @@ def lm_train(
     seed_everything(seed)
     model, tok, base_id = load_student(start, base, checkpoint, quant, log)
     fp = tokenizer_fingerprint(tok)
-    train_ds, eval_ds = KDCache(cache, tok, "train"), KDCache(cache, tok, "eval")
+    train_ds, eval_ds = KDCache(cache, tok, "train", model), KDCache(cache, tok, "eval", model)
     summary: dict = {"start": start, "base": base_id, "cache": str(Path(cache).resolve()),
                      "train_sequences": len(train_ds), "eval_sequences": len(eval_ds)}  # fmt: skip
     if start == "v1":

@@ -8,7 +8,7 @@ piece of state — table, scales, indices, the frozen flag — is in ``state_dic
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from qatkit.quant.lut import kmeans_lut, lut_fake_quantize, nearest_index, reduc
 FORMS = ("v1", "v2")
 SCALE_NAMES = ("scale_a", "scale_b", "a_dir", "b_dir", "magnitude")  # V1: scale_a, scale_b; V2: the other three
 WEIGHTINGS = ("uniform", "magnitude")
+_SETTING_TYPES = {"bits": int, "rank": int, "group_rows": (int, type(None)), "form": str, "learnable_lut": bool,
+                  "ste_fp16": bool, "kmeans_weighting": str, "normalizer_grad": bool}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class LUTSpec:
             raise ValueError(f"LUT bits must be 1..8, got {self.bits}")
         if self.rank < 1:
             raise ValueError(f"scale rank must be >= 1, got {self.rank}")
+        if self.group_rows is not None and self.group_rows < 1:
+            raise ValueError(f"group_rows must be >= 1 or null, got {self.group_rows}")
         if self.form not in FORMS:
             raise ValueError(f"form {self.form!r} is not one of {', '.join(FORMS)}")
         if self.kmeans_weighting not in WEIGHTINGS:
@@ -51,6 +55,22 @@ class LUTSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: object) -> LUTSpec:
+        """A spec from stored settings (a checkpoint's record): unknown keys or wrong types raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"LUT settings must be a mapping, got {type(d).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(map(str, set(d) - set(known)))
+        if unknown:
+            raise ValueError(f"unknown LUT setting(s) {', '.join(unknown)} (known: {', '.join(known)})")
+        for k, v in d.items():
+            want = _SETTING_TYPES[k]
+            if not isinstance(v, want) or (isinstance(v, bool) and want is not bool):
+                names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+                raise ValueError(f"LUT setting {k!r} must be {names.replace('NoneType', 'null')}, got {v!r}")
+        return cls(**d)
 
 
 class LUTLinear(nn.Module):

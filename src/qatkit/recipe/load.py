@@ -50,13 +50,14 @@ MAX_DEPTH = 32
 """A recipe nests a few levels (variants[i].quant.rules[j].weight.bits): anything deeper is not a recipe."""
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file (UTF-8, at most 1 MiB, nested at most 32 levels)."""
+def read_yaml(path: str | Path, what: str = "a recipe") -> Any:
+    """The data in a small YAML file: a regular UTF-8 file of at most 1 MiB, nested at most 32 levels, no key
+    given twice, YAML 1.2 numbers; a RecipeError naming the file otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}" if not path.exists() else f"{path}: not a regular file")
+    if not path.is_file():  # a FIFO would block the reader
+        raise RecipeError(f"{what} file not found: {path}" if not path.exists() else f"{path}: not a regular file")
     if path.stat().st_size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path}: {path.stat().st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+        raise RecipeError(f"{path}: {path.stat().st_size} bytes; {what} is at most {MAX_RECIPE_BYTES} bytes")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -69,8 +70,14 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: nested deeper than {MAX_DEPTH} levels") from None
     if _depth(data) > MAX_DEPTH:
         raise RecipeError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+    return data
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file (see :func:`read_yaml` for what the file itself must be)."""
+    data = read_yaml(path)
     if isinstance(data, dict) and data.get("base_dir") is None:
-        data = dict(data, base_dir=str(path.resolve().parent))
+        data = dict(data, base_dir=str(Path(path).resolve().parent))
     return parse_recipe(data, str(path))
 
 

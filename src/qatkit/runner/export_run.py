@@ -7,7 +7,6 @@ exported in the asked formats. Rows of those formats in the report are replaced;
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,8 @@ from rich.console import Console
 from qatkit.components.datasets import load_data
 from qatkit.components.splits import all_inputs, targets_of
 from qatkit.export.config import ExportConfig
-from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, require_regular_file
+from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata
+from qatkit.io.jsonfile import read_json_object
 from qatkit.recipe import Recipe, parse_recipe
 from qatkit.runner.artifacts import Source, check_extras, verify_artifacts, write_artifacts
 from qatkit.runner.outdir import run_lock
@@ -90,12 +90,8 @@ def export_run(
 
 def read_report(path: Path) -> dict:
     """A run's report.json, refused with one line if it is not JSON or lacks the recipe it was run with."""
-    require_regular_file(path)
-    try:
-        saved = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: not a qatkit report ({type(e).__name__}: {str(e)[:120]})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("recipe"), dict):
+    saved = read_json_object(path, CheckpointError, "a qatkit report")
+    if not isinstance(saved.get("recipe"), dict):
         raise CheckpointError(f"{path}: not a qatkit report (no 'recipe' mapping at the top)")
     if not isinstance(saved["recipe"].get("export", {}), dict):
         raise CheckpointError(f"{path}: recipe.export is not a mapping")
