@@ -212,3 +212,64 @@ def test_special_files_where_data_or_configs_belong_are_refused(tmp_path):
     (tmp_path / "hf" / "config.json").write_text("{bad")
     with pytest.raises(RecipeError, match="config.json: malformed JSON"):
         load_hf_classifier(tmp_path / "hf")
+
+
+def _packed_file(tmp_path, tiny_mlp, meta):
+    import copy
+
+    from qatkit.export.packed import save_packed
+
+    model = copy.deepcopy(tiny_mlp)
+    qatkit.prepare(model, "w4a8")
+    qatkit.calibrate(model, [torch.randn(8, 1, 8, 8)], 1)
+    return save_packed(model, tmp_path / "m.packed.safetensors", meta) and tmp_path / "m.packed.safetensors"
+
+
+def test_a_packed_file_naming_code_is_not_imported_without_trust(tmp_path, tiny_mlp, monkeypatch):
+    from qatkit.runner.rebuild import load_packed_model
+
+    monkeypatch.chdir(tmp_path)
+    hostile = {"model_config": {"target": "os:system", "args": {"command": "touch PWNED"}}, "base_dir": None,
+               "input_shape": [1, 8, 8], "num_outputs": 10, "folded": False, "quant": {"preset": "w4a8"}}  # fmt: skip
+    path = _packed_file(tmp_path, tiny_mlp, hostile)
+    with pytest.raises(CheckpointError, match=r"names model code to import \('os:system'"):
+        load_packed_model(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, what",
+    [
+        ("input_shape", [1, -8, 8], "input_shape must be"),
+        ("num_outputs", "10", "num_outputs must be"),
+        ("model_config", {"name": "mlp", "args": {"hidden": "x"}}, "model_config"),
+        ("folded", 1, "folded must be"),
+    ],
+)
+def test_packed_build_fields_are_checked(tmp_path, tiny_mlp, field, value, what):
+    from qatkit.runner.rebuild import load_packed_model
+
+    meta = {"model_config": {"name": "mlp", "args": {"hidden": [32, 16]}}, "base_dir": None,
+            "input_shape": [1, 8, 8], "num_outputs": 10, "folded": False, "quant": {"preset": "w4a8"}}  # fmt: skip
+    good = _packed_file(tmp_path, tiny_mlp, meta)
+    assert load_packed_model(good) is not None
+    path = _packed_file(tmp_path, tiny_mlp, {**meta, field: value})
+    with pytest.raises(CheckpointError, match=what):
+        load_packed_model(path)
+
+
+def test_packed_layer_metadata_is_checked(tmp_path, tiny_mlp):
+    from qatkit.export.packed import load_packed_state
+    from qatkit.io.checkpoint import read_metadata
+
+    path = _packed_file(tmp_path, tiny_mlp, {})
+    meta = read_metadata(path)
+    tensors = load_weights(path)
+    first = next(iter(meta["packed_layers"]))
+    for change, what in [({"code_bits": 3}, "not a packed grid"), ({"shape": [16, 999]}, "codes do not fit"),
+                         ({"ch_axis": 5}, "out of range"), ({"qmin": "0"}, "expected int")]:  # fmt: skip
+        layers = dict(meta["packed_layers"], **{first: {**meta["packed_layers"][first], **change}})
+        extra = {k: v for k, v in meta.items() if k not in ("format", "sha256", "packed_layers")}
+        bad = save_weights(tmp_path / "bad.safetensors", tensors, {**extra, "packed_layers": layers})
+        with pytest.raises(CheckpointError, match=what):
+            load_packed_state(bad)

@@ -106,7 +106,7 @@ def test_two_input_binary_model_runs_end_to_end_with_every_runnable_format(user_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    packed = load_packed_model(tmp_path / "out" / "packed" / "w8a8_qat.packed.safetensors")
+    packed = load_packed_model(tmp_path / "out" / "packed" / "w8a8_qat.packed.safetensors", trust_code=True)
     xz, yl = torch.randn(7, 6), torch.randn(7, 4)
     qat_row = rows[("w8a8", "qat", "pytorch", None)]
     again, _ = export_run(tmp_path / "out", ["onnx"])

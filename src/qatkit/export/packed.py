@@ -68,15 +68,46 @@ def load_packed_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if meta.get("kind") != KIND:
         raise CheckpointError(f"{path}: not a packed qatkit model (kind {meta.get('kind')!r}, expected {KIND!r})")
     state = load_weights(path)
-    for name, info in meta["packed_layers"].items():
+    layers = meta.get("packed_layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{path}: packed_layers must be a non-empty mapping of layer names")
+    for name, info in layers.items():
+        _check_layer_info(path, name, info)
         codes = state.pop(f"{name}.weight_codes", None)
         scale, zp = state.get(f"{name}.weight_quant.scale"), state.get(f"{name}.weight_quant.zero_point")
         if codes is None or scale is None or zp is None:
             raise CheckpointError(f"{path}: layer {name!r} is listed but its codes or scales are missing")
-        shape = tuple(info["shape"])
-        q = unpack_bits(codes, info["code_bits"], shape).to(torch.int32) + info["qmin"]
-        state[f"{name}.weight"] = dequantize_int(q, scale, zp, info["ch_axis"], info["group"])
+        try:
+            q = unpack_bits(codes, info["code_bits"], tuple(info["shape"])).to(torch.int32) + info["qmin"]
+            state[f"{name}.weight"] = dequantize_int(q, scale, zp, info["ch_axis"], info["group"])
+        except (ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(
+                f"{path}: layer {name!r}: codes do not fit their metadata ({_first_line(e)})"
+            ) from None
     return state, meta
+
+
+LAYER_INFO = {"shape": list, "bits": int, "code_bits": int, "qmin": int, "ch_axis": int, "group": int}
+
+
+def _check_layer_info(path: str | Path, name: str, info) -> None:
+    """Refuse a layer entry with missing keys, wrong types or values outside what save_packed writes."""
+    where = f"{path}: packed_layers[{name!r}]"
+    if not isinstance(info, dict) or set(info) != set(LAYER_INFO):
+        raise CheckpointError(f"{where}: expected the keys {', '.join(LAYER_INFO)}")
+    for k, typ in LAYER_INFO.items():
+        if type(info[k]) is not typ:
+            raise CheckpointError(f"{where}.{k}: expected {typ.__name__}, got {info[k]!r}")
+    if not 1 <= len(info["shape"]) <= 8 or not all(type(d) is int and 0 < d <= 1 << 24 for d in info["shape"]):
+        raise CheckpointError(f"{where}.shape: expected 1 to 8 positive sizes, got {info['shape']!r}")
+    if not 2 <= info["bits"] <= 8 or info["code_bits"] not in (1, 2, 4, 8) or info["code_bits"] < info["bits"]:
+        raise CheckpointError(f"{where}: bits {info['bits']} in code_bits {info['code_bits']} is not a packed grid")
+    if not -128 <= info["qmin"] <= 0 or not 0 <= info["ch_axis"] < len(info["shape"]) or info["group"] < 0:
+        raise CheckpointError(f"{where}: qmin, ch_axis or group out of range ({info})")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
 
 def apply_packed(model: nn.Module, path: str | Path) -> nn.Module:

@@ -7,6 +7,7 @@ exported in the asked formats. Rows of those formats in the report are replaced;
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,7 +60,14 @@ def run_sources(run_dir: Path, recipe, data, task, console: Console | None = Non
             prepare(model, v.quant)
             build = build_info(recipe.model, recipe.base_dir, shape, n_out, folded, v.quant)
             sources.append(
-                Source(v.name, stage, _load(model, path, f"{v.name}/{stage}"), None, build, load_packed_model)
+                Source(
+                    v.name,
+                    stage,
+                    _load(model, path, f"{v.name}/{stage}"),
+                    None,
+                    build,
+                    partial(load_packed_model, trust_code=True),
+                )
             )
     for s in sources:
         s.outputs, _ = predict(s.model, test)

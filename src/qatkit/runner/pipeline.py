@@ -13,6 +13,7 @@ import contextlib
 import copy
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -124,7 +125,9 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
             build = build_info(
                 recipe.model, recipe.base_dir, data.input_shape, task.num_outputs(), bool(folded), v.quant
             )
-        sources.append(Source(variant, stage, m, outputs, build, load_packed_model if build else None))
+        sources.append(
+            Source(variant, stage, m, outputs, build, partial(load_packed_model, trust_code=True) if build else None)
+        )
 
     def summarize(prefix: str) -> None:
         for name, summary in stages.summaries.items():

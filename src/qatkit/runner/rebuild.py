@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import ValidationError
 from torch import nn
 
+from qatkit.base.config import format_validation_error
 from qatkit.components.models import build_model, make_model
 from qatkit.export.packed import apply_packed
 from qatkit.io.checkpoint import CheckpointError, read_metadata
@@ -30,13 +32,25 @@ def float_model(model_cfg, base_dir: Path | None, input_shape, num_outputs: int,
     return model
 
 
-def load_packed_model(path: str | Path) -> nn.Module:
-    """A ready-to-run model from a packed file alone: built, BatchNorm folded and prepared as the source was."""
+def load_packed_model(path: str | Path, trust_code: bool = False) -> nn.Module:
+    """A ready-to-run model from a packed file alone: built, BatchNorm folded and prepared as the source was.
+
+    A file that names the user's model code (``model.target``) is refused unless ``trust_code``: qatkit never
+    imports code because a file says so (a run's own files are loaded with it).
+    """
     from qatkit.recipe import ModelConfig
 
     meta = read_metadata(path)
     if "model_config" in meta:
-        cfg = ModelConfig.model_validate(meta["model_config"])
+        try:
+            cfg = ModelConfig.model_validate(meta["model_config"])
+        except ValidationError as e:
+            raise CheckpointError(f"{path}: model_config: {format_validation_error(e, ModelConfig)}") from None
+        if cfg.target is not None and not trust_code:
+            raise CheckpointError(f"{path}: the file names model code to import ({cfg.target!r} from "
+                                  f"{meta.get('base_dir')}); if you made this file, load_packed_model(path, "
+                                  "trust_code=True), else build the model yourself and use apply_packed")  # fmt: skip
+        _check_build_info(path, meta)
         base = Path(meta["base_dir"]) if meta.get("base_dir") else None
         model = float_model(cfg, base, meta["input_shape"], meta["num_outputs"], meta["folded"])
     elif {"model", "model_args", "input_shape", "num_classes", "folded"} <= set(meta):  # files of qatkit <= 0.1
@@ -50,3 +64,18 @@ def load_packed_model(path: str | Path) -> nn.Module:
         raise CheckpointError(f"{path}: packed file does not say how the model was quantized (no 'quant')")
     prepare(model, meta["quant"])
     return apply_packed(model, path)
+
+
+def _check_build_info(path: str | Path, meta: dict) -> None:
+    """Refuse build fields of the wrong type or size (they size the model that is built)."""
+    shape, n = meta.get("input_shape"), meta.get("num_outputs")
+    if (
+        not isinstance(shape, list)
+        or not 1 <= len(shape) <= 8
+        or not all(type(d) is int and 0 < d <= 1 << 24 for d in shape)
+    ):
+        raise CheckpointError(f"{path}: input_shape must be 1 to 8 positive sizes, got {shape!r}")
+    if type(n) is not int or not 1 <= n <= 1 << 20:
+        raise CheckpointError(f"{path}: num_outputs must be a positive integer, got {n!r}")
+    if type(meta.get("folded")) is not bool or not isinstance(meta.get("base_dir"), (str, type(None))):
+        raise CheckpointError(f"{path}: folded must be true/false and base_dir a folder name")
