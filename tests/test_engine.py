@@ -2,6 +2,7 @@
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from torch.utils.data import TensorDataset
 from qatkit import calibrate, prepare
 from qatkit.components.datasets import load_digits
 from qatkit.components.models import MLP
-from qatkit.io.checkpoint import CheckpointError
+from qatkit.io.checkpoint import CheckpointError, read_metadata, save_weights
+from qatkit.runner.stages import newest_checkpoint
 from qatkit.train import TrainConfig, evaluate, fit, make_loader
 from qatkit.train.config import CheckpointConfig, GuardConfig
 from qatkit.train.guards import TrainingDiverged
@@ -256,3 +258,61 @@ def test_nonfinite_loss_with_guards_off_skips_cleanly(digits):
     cfg = TrainConfig(epochs=1, guards=GuardConfig(enabled=False), validation=False)
     res = fit(m, TensorDataset(x, y), None, cfg, num_classes=10, batch_size=64, progress=False)
     assert res.steps == 16 and res.interventions == []  # the NaN batch adds no gradient; nothing recorded
+
+
+BAD_STATES = {  # what is wrong in the file: (how to make it, what the one-line message names)
+    "negative step": (lambda m, t: m["counters"].update(step=-5), "counters.step is -5"),
+    "epoch past the recipe": (lambda m, t: m["counters"].update(epoch=10**9), "counters.epoch is 1000000000, more"),
+    "skip past the epoch": (lambda m, t: m["counters"].update(skip=17), "counters.skip is 17, more than the 16"),
+    "step of the wrong type": (lambda m, t: m["counters"].update(step="12"), "counters.step is '12'"),
+    "bool for a number": (lambda m, t: m["counters"].update(lr=True), "counters.lr is True"),
+    "guards missing": (lambda m, t: m["counters"].pop("guards"), "counters.guards is missing"),
+    "counters not a mapping": (lambda m, t: m.update(counters=[1]), "counters are list"),
+    "no state": (lambda m, t: m.pop("state"), "field 'state' is missing"),
+    "no scheduler entry": (lambda m, t: m["state"].pop("scheduler"), "state.scheduler is missing"),
+    "optimizer not a mapping": (lambda m, t: m["state"].update(optimizer=[1, 2]), "state.optimizer is malformed"),
+    "dangling tensor": (lambda m, t: t.pop("optim/state/0/exp_avg"), "refers to tensor 'optim/state/0/exp_avg'"),
+    "no numpy RNG": (lambda m, t: t.pop("rng/numpy"), "tensor 'rng/numpy' is missing"),
+    "python RNG cut short": (lambda m, t: m["rng"].update(python=[3, [1, 2], None]), "rng.python is malformed"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_state(qat_start, digits, tmp_path_factory):
+    """A training-state checkpoint after one epoch of 16 steps (2 epochs configured)."""
+    folder = tmp_path_factory.mktemp("good")
+    fit(copy.deepcopy(qat_start), digits.train, None, TrainConfig(epochs=2, max_steps=16, validation=False),
+        num_classes=10, batch_size=64, run_dir=folder, stage="qat", progress=False)  # fmt: skip
+    return folder / "checkpoints" / "qat" / "last.safetensors"
+
+
+def tampered(src: Path, dst: Path, edit) -> Path:
+    """A copy of ``src`` with its header or tensors edited, and a valid content hash (so only the edit is wrong)."""
+    from safetensors.torch import load_file
+
+    meta, tensors = read_metadata(src), load_file(str(src))
+    meta = {k: v for k, v in meta.items() if k not in ("format", "sha256")}
+    edit(meta, tensors)
+    return save_weights(dst, tensors, meta)
+
+
+@pytest.mark.parametrize("bad", list(BAD_STATES))
+def test_a_malformed_training_state_is_refused_naming_the_file_and_field(qat_start, digits, good_state, tmp_path, bad):
+    edit, message = BAD_STATES[bad]
+    path = tampered(good_state, tmp_path / "bad.safetensors", edit)
+    cfg = TrainConfig(epochs=2, validation=False)
+    with pytest.raises(CheckpointError) as e:
+        fit(copy.deepcopy(qat_start), digits.train, None, cfg, num_classes=10, batch_size=64, run_dir=tmp_path,
+            stage="qat", resume=path, progress=False)  # fmt: skip
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_good_training_state_resumes_and_a_bad_step_checkpoint_is_named(qat_start, digits, good_state, tmp_path):
+    path = tampered(good_state, tmp_path / "copy.safetensors", lambda m, t: None)
+    res = fit(copy.deepcopy(qat_start), digits.train, None, TrainConfig(epochs=2, validation=False), num_classes=10,
+              batch_size=64, run_dir=tmp_path, stage="qat", resume=path, progress=False)  # fmt: skip
+    assert res.steps == 32  # the tampering helper itself leaves a loadable file
+    folder = tmp_path / "checkpoints" / "qat"
+    tampered(good_state, folder / "step-00000099.safetensors", lambda m, t: m["counters"].update(step=-5))
+    with pytest.raises(CheckpointError, match=r"step-00000099.safetensors: counters.step is -5"):
+        newest_checkpoint(folder)

@@ -1,5 +1,8 @@
-"""Interrupted runs: SIGKILL or SIGINT mid-QAT, then ``--resume auto`` ends with the uninterrupted weights."""
+"""Interrupted runs: SIGKILL or SIGINT mid-QAT, then ``--resume auto`` ends with the uninterrupted weights; a
+crash at any point resumes to run exactly the remaining steps, with every tensor and log row as uninterrupted."""
 
+import copy
+import csv
 import signal
 import subprocess
 import sys
@@ -11,6 +14,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from qatkit import calibrate, prepare
+from qatkit.components.datasets import load_digits
+from qatkit.components.models import MLP
+from qatkit.io.checkpoint import read_metadata
+from qatkit.runner.stages import newest_checkpoint
+from qatkit.train import TrainConfig, fit, make_loader
+from qatkit.train.logger import RunLogger
+from qatkit.train.state import read_counters
+
 RECIPE = {
     "name": "resume",
     "data": {"name": "digits", "batch_size": 8},
@@ -21,7 +33,13 @@ RECIPE = {
             "name": "w8a8",
             "quant": {"preset": "int8"},
             "ptq": {"calib_batches": 2},
-            "qat": {"epochs": 4, "lr": 0.0005, "schedule": "cosine", "checkpoint": {"every_steps": 40, "keep": 2}},
+            "qat": {
+                "epochs": 4,
+                "lr": 0.0005,
+                "schedule": "cosine",
+                "checkpoint": {"every_steps": 40, "keep": 2},
+                "logging": {"step_csv": True},
+            },
         }
     ],
     "export": {"formats": []},
@@ -79,6 +97,12 @@ def test_interrupted_run_resumes_to_identical_weights(reference, tmp_path, sig):
     assert got.keys() == expected.keys()
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
+    ref = recipe.parent / "out"
+    for rel in ("stages/w8a8_qat.safetensors", "checkpoints/w8a8_qat/last.safetensors",
+                "checkpoints/w8a8_qat/best.safetensors"):  # fmt: skip
+        assert_same_tensors(load_file(str(ref / rel)), load_file(str(out / rel)), rel)  # optimiser, RNG included
+    for log in ("w8a8_qat_train.csv", "w8a8_qat_steps.csv"):  # no step logged twice or lost
+        assert rows(ref / log) == rows(out / log), log
 
 
 def test_resume_refuses_a_different_recipe_but_takes_a_new_lr(reference, tmp_path):
@@ -113,3 +137,120 @@ def test_resume_refuses_a_different_recipe_but_takes_a_new_lr(reference, tmp_pat
     ours, ref = epoch_lrs(out), epoch_lrs(recipe.parent / "out")
     assert len(ours) == len(ref) == 4
     assert ours == pytest.approx([0.5 * x for x in ref])
+
+
+# ---- in-process crashes: the resumed run does exactly the steps after the checkpoint -------------------------
+LOG_STEP = RunLogger.step
+CASES = {  # name: (crash after this many steps, the step the newest checkpoint holds, settings, NaN at step)
+    "before-the-first-step": (1, 0, {}, None),  # only the checkpoint written before the baseline validation
+    "mid-epoch-observers-on": (23, 20, {}, None),
+    "epoch-boundary": (18, 16, {}, None),
+    "quant-phase-change": (23, 20, {"fake_quant_delay_steps": 20, "freeze_observers_after_steps": 21}, None),
+    "rollback-after-resume": (21, 20, {"guards": {"nonfinite_skips": 1}}, 22),  # back to epoch 1's end, not 20
+}
+
+
+class Crash(BaseException):
+    """Stands for kill -9: the process stops between two writes, nothing is saved on the way out."""
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(0.15, 0)
+
+
+@pytest.fixture(scope="module")
+def qat_base(digits):
+    """A W4A8 MLP with dropout (so the RNG matters), calibrated; its min-max weight observers stay on."""
+    torch.manual_seed(0)
+    model = MLP(digits.input_shape, 10, hidden=[32], dropout=0.1)
+    prepare(model, {"rules": [{"types": ["Linear"], "weight": {"bits": 4}, "activation": {}}], "outputs": "rules"})
+    calibrate(model, make_loader(digits.train, 64, True), 2)
+    assert all(bool(q.observer_on) for n, q in model.named_modules() if n.endswith("weight_quant"))
+    return model
+
+
+def record_steps(monkeypatch, crash_after: int | None = None) -> list[tuple[int, float]]:
+    """(step, loss) of every optimiser step this process runs from now on; optionally crash after some."""
+    seen = []
+
+    def step(self, n, scalars):
+        LOG_STEP(self, n, scalars)
+        seen.append((n, scalars["loss"]))
+        if len(seen) == crash_after:
+            raise Crash
+
+    monkeypatch.setattr(RunLogger, "step", step)
+    return seen
+
+
+def nan_at(model, n: int) -> None:
+    """The ``n``-th training forward from now on gives a NaN output (once)."""
+    calls = [0]
+
+    def hook(mod, args, out):
+        calls[0] += mod.training
+        return out * float("nan") if mod.training and calls[0] == n else None
+
+    model.register_forward_hook(hook)
+
+
+def train(base, digits, run_dir, settings, resume=None, nan=None):
+    model = copy.deepcopy(base)
+    if nan is not None:
+        nan_at(model, nan)
+    cfg = TrainConfig(epochs=3, lr=2e-3, schedule="cosine", checkpoint={"every_steps": 5, "keep": 2},
+                      logging={"step_csv": True, "tensorboard": False}, **settings)  # fmt: skip
+    fit(model, digits.train, digits.val, cfg, num_classes=10, batch_size=64, run_dir=run_dir, stage="q",
+        resume=resume, progress=False)  # fmt: skip
+    return model
+
+
+def rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)]
+
+
+def counters(path: Path) -> dict:
+    c = read_counters(path)
+    return dict(c, history=[{k: v for k, v in h.items() if k != "seconds"} for h in c["history"]])
+
+
+def assert_same_tensors(want: dict, got: dict, where: str) -> None:
+    assert want.keys() == got.keys(), where
+    bad = [k for k in want if want[k].dtype != got[k].dtype or not torch.equal(want[k], got[k])]
+    assert not bad, f"{where}: {bad[:5]}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_crash_anywhere_resumes_with_exactly_the_remaining_steps(qat_base, digits, tmp_path, monkeypatch, case):
+    crash_after, resume_step, settings, nan_step = CASES[case]
+    torch.manual_seed(1)
+    ref_steps = record_steps(monkeypatch)
+    ref = train(qat_base, digits, tmp_path / "ref", settings, nan=nan_step)
+    torch.manual_seed(1)
+    record_steps(monkeypatch, crash_after)
+    with pytest.raises(Crash):
+        train(qat_base, digits, tmp_path / "run", settings, nan=nan_step)
+    folder = tmp_path / "run" / "checkpoints" / "q"
+    ckpt = newest_checkpoint(folder)
+    assert read_counters(ckpt)["step"] == resume_step
+    torch.manual_seed(99)  # the checkpoint's RNG state must take over
+    steps = record_steps(monkeypatch)
+    got = train(qat_base, digits, tmp_path / "run", settings, ckpt, nan_step and nan_step - resume_step)
+    cut = [s for s, _ in ref_steps].index(resume_step) + 1 if resume_step else 0
+    assert steps == ref_steps[cut:]  # the same step numbers with bit-identical losses, nothing redone or skipped
+    state = ref.state_dict()
+    assert any(k.endswith("weight_quant.observed_batches") for k in state)
+    assert_same_tensors(state, got.state_dict(), "final model")
+    for name in ("last", "best"):  # weights, quantizer buffers, optimiser, scheduler, RNG streams
+        want, have = tmp_path / "ref" / "checkpoints" / "q" / f"{name}.safetensors", folder / f"{name}.safetensors"
+        assert_same_tensors(load_file(str(want)), load_file(str(have)), name)
+        assert counters(want) == counters(have), name
+    for log in ("q_train.csv", "q_steps.csv"):
+        assert rows(tmp_path / "ref" / log) == rows(tmp_path / "run" / log), log
+    if nan_step:
+        assert (
+            "rolled back to step 16"
+            in read_metadata(folder / "last.safetensors")["counters"]["guards"]["log"][0]["detail"]
+        )

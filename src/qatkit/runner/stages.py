@@ -17,9 +17,12 @@ import numpy as np
 import torch
 
 from qatkit.io.checkpoint import CheckpointError, atomic_write_bytes, load_weights, read_metadata, save_weights
+from qatkit.io.jsonfile import read_json_object
+from qatkit.runner.outdir import inside
 from qatkit.train.config import TrainConfig
 from qatkit.train.distributed import barrier, current
 from qatkit.train.loop import LoaderOptions, fit
+from qatkit.train.state import read_counters
 
 IGNORED_FOR_RESUME = ("name", "description", "export", "base_dir")
 """Recipe sections that do not change training state: editing them does not block a resume."""
@@ -38,10 +41,17 @@ def seed_everything(seed: int) -> None:
 
 
 def newest_checkpoint(folder: Path) -> Path | None:
-    """The training-state checkpoint in ``folder`` (``last`` or ``step-N``) with the most optimiser steps."""
+    """The training-state checkpoint in ``folder`` (``last`` or ``step-N``) furthest along: most optimiser
+    steps, then most finished epochs (``last`` after an epoch's validation beats that epoch's final step-N)."""
     candidates = [folder / "last.safetensors", *folder.glob("step-*.safetensors")]
-    found = [(read_metadata(p)["counters"]["step"], p) for p in candidates if p.exists()]
-    return max(found)[1] if found else None
+    found = [(_position(p), p.name == "last.safetensors", p) for p in candidates if p.exists()]
+    return max(found)[2] if found else None
+
+
+def _position(path: Path) -> tuple[int, int]:
+    """(optimiser steps, finished epochs) of a checkpoint, its counters checked."""
+    counters = read_counters(path)
+    return counters.get("step", 0), counters.get("epoch", 0)
 
 
 def stage_names(prefix: str, cfgs: list[TrainConfig]) -> list[str]:
@@ -86,8 +96,10 @@ class StageRunner:
             barrier()
         else:
             if self.progress_file.exists():
-                saved = json.loads(self.progress_file.read_text())
-                self.done, self.summaries = saved["done"], saved.get("summaries", {})
+                saved = read_json_object(self.progress_file, CheckpointError, "a run's progress")
+                self.done, self.summaries = saved.get("done"), saved.get("summaries", {})
+                if not isinstance(self.done, dict) or not isinstance(self.summaries, dict):
+                    raise CheckpointError(f"{self.progress_file}: 'done' and 'summaries' must be mappings")
             if resume != "auto":
                 self.explicit = Path(resume)
                 if not self.explicit.is_file():
@@ -135,7 +147,7 @@ class StageRunner:
         opts = LoaderOptions(r.data.num_workers, r.data.persistent_workers, r.data.prefetch_factor, r.data.pin_memory)
         for i, (name, cfg) in enumerate(zip(stage_names(prefix, cfgs), cfgs, strict=True)):
             if name in self.done:
-                model.load_state_dict(load_weights(self.done[name]))
+                model.load_state_dict(load_weights(inside(self.out, str(self.done[name]))))
                 continue
             ckpt = self._resume_point(name)
             if ckpt is not None:

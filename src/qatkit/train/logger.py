@@ -38,6 +38,20 @@ class CsvLog:
                 w.writeheader()
             w.writerow(row)
 
+    def rows(self) -> list[list[str]]:
+        """The header and the rows as written (empty without a file)."""
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            return list(csv.reader(f))
+
+    def truncate(self, n: int) -> None:
+        """Keep the header and the first ``n`` rows."""
+        rows = self.rows()
+        if len(rows) > n + 1:
+            with self.path.open("w", newline="") as f:
+                csv.writer(f).writerows(rows[: n + 1])
+
 
 class RunLogger:
     """Fan-out of a stage's scalars. ``run_dir=None`` or ``enabled=False`` logs nothing."""
@@ -47,7 +61,8 @@ class RunLogger:
 
     def __init__(self, run_dir: str | Path | None, stage: str, cfg: LoggingConfig, enabled: bool = True,
                  resume: bool = False, val_fields: tuple[str, ...] | list[str] = ("val_accuracy", "val_loss",
-                                                                                   "val_macro_f1")):  # fmt: skip
+                                                                                   "val_macro_f1"),
+                 purge_step: int | None = None):  # fmt: skip
         self.on = enabled and run_dir is not None
         self.console = enabled
         self.stage = stage
@@ -69,7 +84,7 @@ class RunLogger:
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard" / stage))
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard" / stage), purge_step=purge_step)
         if cfg.wandb:
             try:
                 import wandb
@@ -77,6 +92,18 @@ class RunLogger:
                 raise ValueError("logging.wandb: true needs the wandb package: pip install 'qatkit[wandb]'") from None
             self.wandb = wandb.init(project=cfg.wandb_project, name=f"{run_dir.name}/{stage}", dir=str(run_dir),
                                     resume="allow")  # fmt: skip
+
+    def rewind(self, epoch_rows: int, step: int) -> None:
+        """On resume: drop the CSV rows written after the checkpoint (epoch rows past ``epoch_rows``, steps past
+        ``step``), which the resumed run writes again."""
+        if not self.on:
+            return
+        self.csv.truncate(epoch_rows)
+        if self.steps is not None:
+            rows = self.steps.rows()
+            col = rows[0].index("step") if rows else 0
+            kept = [i for i, r in enumerate(rows[1:], 1) if int(r[col]) <= step]
+            self.steps.truncate(max(kept, default=0))
 
     def step(self, step: int, scalars: dict[str, float]) -> None:
         """Per optimiser step: loss, LR, gradient norm (TensorBoard / W&B only; the CSV is per epoch)."""

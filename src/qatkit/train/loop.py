@@ -3,7 +3,8 @@
 ``_Trainer.run``: baseline validation -> for each epoch: ``train_epoch`` (autocast, backward, accumulation
 windows, clipping, non-finite guard, optimiser step, step checkpoints, signals) -> ``end_epoch`` (validation,
 collapse guard, plateau, early stopping, last/best checkpoints) -> restore the best weights. Checkpoints hold
-everything needed to continue exactly, mid-epoch included.
+everything needed to continue exactly, mid-epoch included: a resume also takes the run's ``best`` and ``last``
+back as best and rollback states, redoes a baseline it had not finished, and drops log rows written after it.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class _Trainer:
         self.ckpt_dir = Path(run_dir) / "checkpoints" / stage if run_dir is not None else None
         self.fingerprint = dict(fingerprint, stage=stage)
         self.result = FitResult()
+        self.seed = seed
 
         # data: the same global batches on every rank, in an order set by (seed, epoch) only
         self.sampler = GlobalBatchSampler(len(train_ds), batch_size, seed, self.info)
@@ -177,23 +179,23 @@ class _Trainer:
 
         # guards, logging, counters (everything below is saved in checkpoints)
         self.guards = Guards(cfg.guards)
-        self.log = RunLogger(run_dir, stage, cfg.logging, enabled=self.info.main, resume=resume is not None,
-                             val_fields=task.val_fields)  # fmt: skip
         self.quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizer)]
         self.qat = bool(self.quantizers) and cfg.quantize
         self._phase: tuple[bool, bool] | None = None
         self.c = {"epoch": 0, "skip": 0, "step": 0, "best_score": None, "best_epoch": -1, "best_metrics": {},
                   "bad_epochs": 0, "prev_acc": None, "history": [], "finished": None, "lr": cfg.lr,
                   "stats": self.fresh_stats()}  # fmt: skip
-        self.resumed = resume is not None
-        if self.resumed:
+        self.best_snap: dict | None = None
+        self.last_good: dict | None = None
+        self.last_good_path: Path | None = None
+        if resume is not None:
             self.load(Path(resume))
+        self.log = self.open_log(run_dir, resume is not None)
         self.result.history = self.c["history"]
         self.result.interventions = list(self.guards.log)
-        self.last_good = self.snapshot()
-        self.last_good_path = Path(resume) if self.resumed else self.save("last")
-        self.best_snap = None
-        self.best_file = self.ckpt_dir / "best.safetensors" if self.ckpt_dir is not None else None
+        if self.last_good is None:
+            self.last_good = self.snapshot()
+            self.last_good_path = Path(resume) if resume is not None else self.save("last")
 
     # ---- state ------------------------------------------------------------------------------------
     @staticmethod
@@ -213,14 +215,43 @@ class _Trainer:
                                    fingerprint=self.fingerprint)  # fmt: skip
 
     def load(self, path: Path) -> None:
-        saved = read_counters(path)
+        """Continue from ``path``, with the run's ``best`` and ``last`` beside it as best and rollback states."""
+        at = read_counters(path, self.limits(), complete=True)
+        best, last = path.parent / "best.safetensors", path.parent / "last.safetensors"
+        if best.is_file() and read_counters(best).get("best_epoch") == at["best_epoch"] <= at["epoch"]:
+            self.best_snap = self.load_file(best, rng=False)
+        if last.is_file() and last.resolve() != path.resolve() and self.not_after(read_counters(last), at):
+            self.last_good, self.last_good_path = self.load_file(last, rng=False), last
+        self.load_file(path, rng=True)
+        if at["lr"] != self.cfg.lr:  # the recipe's LR was changed for the resume: continue at the new one
+            scale_lr(self.optimizer, self.scheduler, self.cfg.lr / at["lr"])
+            self.c["lr"] = self.cfg.lr
+
+    def open_log(self, run_dir, resumed: bool) -> RunLogger:
+        """The stage's logs; on resume, what the interrupted run logged after the checkpoint is dropped."""
+        log = RunLogger(run_dir, self.stage, self.cfg.logging, enabled=self.info.main, resume=resumed,
+                        val_fields=self.task.val_fields, purge_step=self.c["step"] + 1 if resumed else None)  # fmt: skip
+        if resumed:
+            log.rewind(len(self.c["history"]), self.c["step"])
+        return log
+
+    def limits(self) -> dict[str, int]:
+        return {"epoch": self.cfg.epochs, "skip": self.batches}
+
+    @staticmethod
+    def not_after(a: dict, b: dict) -> bool:
+        """Whether position ``a`` (counters) is at or before position ``b`` in the same run."""
+        return a["step"] <= b["step"] and a["epoch"] <= b["epoch"]
+
+    def load_file(self, path: Path, rng: bool) -> dict:
+        """Load a training-state file into the live objects and counters; returns its snapshot."""
         counters = load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                       scaler=self.scaler, expect={"stage": self.stage})  # fmt: skip
+                                       scaler=self.scaler, expect={"stage": self.stage}, restore_rng=rng,
+                                       limits=self.limits(), complete=True)  # fmt: skip
         self.guards.load_state_dict(counters.pop("guards"))
         self.c.update(counters)
-        if saved["lr"] != self.cfg.lr:  # the recipe's LR was changed for the resume: continue at the new one
-            scale_lr(self.optimizer, self.scheduler, self.cfg.lr / saved["lr"])
-            self.c["lr"] = self.cfg.lr
+        self._phase = None
+        return self.snapshot()
 
     def set_quant_phase(self) -> None:
         """Fake quantization on after the delay, observers frozen after N steps; touches buffers only on change."""
@@ -249,8 +280,8 @@ class _Trainer:
         self.bar = ProgressBar(self.stage, self.total, self.progress and self.info.main, done=self.c["step"])
         try:
             with StopSignal() as self.stop:
-                if not self.resumed and self.val_loader is not None:
-                    self.baseline()
+                if self.val_loader is not None and not self.c["history"]:
+                    self.baseline()  # also on a resume from the checkpoint written before it
                 while self.c["epoch"] < self.cfg.epochs and not self.c["finished"] and not self.out_of_steps():
                     if self.on_epoch_start is not None:
                         self.on_epoch_start(self.c["epoch"], self.model)
@@ -290,6 +321,7 @@ class _Trainer:
         cfg, c = self.cfg, self.c
         first = c["skip"]
         self.sampler.set_epoch(c["epoch"], first)
+        self.train_loader.generator.manual_seed(self.seed * 100_003 + c["epoch"])  # worker seeds: (seed, epoch)
         self.train_model.train()
         pending = 0
         for i, batch in enumerate(self.train_loader):
@@ -313,7 +345,7 @@ class _Trainer:
             if cfg.checkpoint.every_steps and finite and c["step"] % cfg.checkpoint.every_steps == 0:
                 self.save(f"step-{c['step']:08d}")
                 retain(self.ckpt_dir, cfg.checkpoint.keep)
-            self.check_stop()
+            self.check_stop(f"step-{c['step']:08d}")  # not "last": that stays the rollback state
             if self.out_of_steps():
                 break
         return False
@@ -370,7 +402,7 @@ class _Trainer:
         before = self.lr()
         bases, lrs = list(getattr(self.scheduler, "base_lrs", [])), [g["lr"] for g in self.optimizer.param_groups]
         detected = c["step"]
-        restore(self.last_good, self.model, self.optimizer, self.scheduler)
+        self.restore(self.last_good)
         scale_lr(self.optimizer, self.scheduler, self.cfg.guards.lr_factor, bases or None, lrs)
         self.intervene("nonfinite-rollback", f"{reason} (step {detected}); rolled back to step "
                        f"{self.last_good['step']}", lr_before=before, lr_after=self.lr())  # fmt: skip
@@ -378,15 +410,16 @@ class _Trainer:
                  stats=dict(self.last_good["stats"]))  # fmt: skip
         retain(self.ckpt_dir, self.cfg.checkpoint.keep, newer_than=c["step"])
 
+    def restore(self, snap: dict) -> None:
+        """Back to an in-memory state; the next step applies the quantizer phase afresh (as a resume does)."""
+        restore(snap, self.model, self.optimizer, self.scheduler)
+        self._phase = None
+
     def restore_best(self) -> None:
-        if self.best_snap is not None:
-            restore(self.best_snap, self.model, self.optimizer, self.scheduler)
-        else:
-            load_training_state(self.best_file, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                restore_rng=False)  # fmt: skip
+        self.restore(self.best_snap)
 
     def has_best(self) -> bool:
-        return self.best_snap is not None or (self.best_file is not None and self.best_file.exists())
+        return self.best_snap is not None
 
     def end_epoch(self) -> None:
         """Validation, collapse guard, plateau, early stopping, checkpoints, logs."""
@@ -417,7 +450,7 @@ class _Trainer:
             self.best_snap = self.last_good
             self.save("best")
         self.last_good_path = self.save("last") or self.last_good_path
-        self.check_stop()
+        self.check_stop(None)
 
     def judge(self, m: dict) -> bool:
         """Apply the collapse guard, the plateau schedule and best tracking to one validation result."""
@@ -460,16 +493,15 @@ class _Trainer:
         c["bad_epochs"] += 1
         return False
 
-    def check_stop(self) -> None:
+    def check_stop(self, name: str | None) -> None:
+        """On SIGINT/SIGTERM save the position as ``name`` (None: the ``last`` just saved) and stop."""
         if any_true(self.stop.flag):
-            raise TrainingInterrupted(self.save("last"), self.c["step"])
+            raise TrainingInterrupted(self.save(name) if name else self.last_good_path, self.c["step"])
 
     def finish(self) -> FitResult:
         c, r = self.c, self.result
         if self.best_snap is not None:
             self.model.load_state_dict(self.best_snap["model"])
-        elif self.has_best() and c["best_epoch"] >= 0:
-            load_training_state(self.best_file, model=self.model, restore_rng=False)
         for q in self.quantizers:  # leave the model as a quantized model whatever the stage did
             q.set_fake_quant(True)
         r.gave_up = r.gave_up or (self.guards.log[-1]["detail"] if c["finished"] == "gave-up" else None)
