@@ -15,10 +15,12 @@ __version__ = "0.1.0"
 
 
 def run(recipe, out_dir="runs/run", model=None, data=None, **kwargs):
-    """Run a recipe (a Recipe, a dict or a YAML path) end to end; ``model`` (an nn.Module or a factory) and
-    ``data`` (a DataSplits, or (train, val, test) data sets) may be given directly (see runner/pipeline.py)."""
+    """Run a recipe (a Recipe, a dict or a YAML path) end to end, once per fold when it has ``cv:``; ``model``
+    (an nn.Module or a factory) and ``data`` (a DataSplits, or (train, val, test) data sets) may be given
+    directly (see runner/pipeline.py and runner/folds.py)."""
     from pathlib import Path
 
+    from qatkit.runner.folds import run_folds
     from qatkit.runner.pipeline import run as _run
 
     if isinstance(recipe, (str, Path)):
@@ -27,7 +29,7 @@ def run(recipe, out_dir="runs/run", model=None, data=None, **kwargs):
         recipe = parse_recipe(recipe)
     if data is not None and not hasattr(data, "train"):
         data = _splits(recipe, data)
-    return _run(recipe, out_dir, model=model, data=data, **kwargs)
+    return (run_folds if recipe.cv is not None else _run)(recipe, out_dir, model=model, data=data, **kwargs)
 
 
 def _splits(recipe, datasets):

@@ -69,18 +69,20 @@ def run(
     ),
 ) -> None:
     """Run FP32 -> PTQ -> QAT -> export -> verify each file in its runtime; write DIR/report.{json,md}.
+    With cv: in the recipe, once per fold into DIR/folds/<fold>/ and one aggregate report.
 
-    Exits 1 if an exported file fails parity (unless the recipe sets export.allow_parity_failure)."""
+    Exits 1 if an exported file fails parity (unless the recipe sets export.allow_parity_failure) or a criterion
+    of the recipe is missed."""
     from qatkit.recipe import load_recipe
+    from qatkit.runner.folds import run_folds
     from qatkit.runner.pipeline import run as run_pipeline
     from qatkit.train.loop import TrainingInterrupted
 
     r = load_recipe(resolve_recipe(recipe))
     show = not no_progress and console.is_terminal
     try:
-        run_pipeline(
-            r, out or Path("runs") / r.name, console=console, progress=show, resume=resume, overwrite=overwrite
-        )
+        job = run_folds if r.cv is not None else run_pipeline  # cv: the whole job once per fold
+        job(r, out or Path("runs") / r.name, console=console, progress=show, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
         err_console.print(f"stopped: {e}", highlight=False, soft_wrap=True)
         sys.exit(130)
@@ -154,6 +156,7 @@ def main() -> None:
     from qatkit.io.checkpoint import CheckpointError
     from qatkit.recipe import RecipeError
     from qatkit.runner.artifacts import ParityError
+    from qatkit.runner.criteria import CriteriaError
 
     expected = (RecipeError, CheckpointError, FileNotFoundError, ValueError, RuntimeError, OSError, ImportError)
     debug = "--debug" in sys.argv
@@ -168,7 +171,7 @@ def main() -> None:
         known = isinstance(e, expected)
         msg = str(e) if known else f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
         err_console.print(f"[bold red]error:[/] {' '.join(msg.split())}", highlight=False, soft_wrap=True)
-        sys.exit(1 if isinstance(e, ParityError) or not known else 2)
+        sys.exit(1 if isinstance(e, (ParityError, CriteriaError)) or not known else 2)
 
 
 if __name__ == "__main__":

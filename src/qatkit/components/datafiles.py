@@ -101,7 +101,8 @@ def load_file(
     if raw.groups is not None:
         info["groups"] = {s: [str(g) for g in np.unique(raw.groups[part == i])] for i, s in enumerate(SPLITS)}
     first = next(iter(inputs.values()))
-    return DataSplits(sets["train"], val, sets["test"], len(names), names, tuple(first.shape[1:]), info)
+    groups = None if raw.groups is None else {s: raw.groups[part == i] for i, s in enumerate(SPLITS)}
+    return DataSplits(sets["train"], val, sets["test"], len(names), names, tuple(first.shape[1:]), info, groups)
 
 
 # --- reading ---------------------------------------------------------------------------------------------------

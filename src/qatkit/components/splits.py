@@ -55,6 +55,9 @@ class DataSplits:
     input_shape: tuple[int, ...]
     """Shape of one example's first input (what bundled model builders take)."""
     info: dict = field(default_factory=dict)
+    groups: dict[str, np.ndarray] | None = None
+    """The group (subject, signer) of each row of ``train``, ``val`` and ``test``, in order, when the data has
+    groups: what leave-one-group-out folds are made from."""
 
 
 def targets_of(ds: Dataset) -> torch.Tensor:

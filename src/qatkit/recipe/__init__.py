@@ -2,6 +2,7 @@
 
 from qatkit.base.config import RecipeError
 from qatkit.export.config import FORMATS, CoreMLExport, ExportConfig, TFLiteExport
+from qatkit.recipe.checks import Criteria, CVConfig
 from qatkit.recipe.load import load_recipe, parse_recipe
 from qatkit.recipe.schema import DataConfig, FloatStage, ModelConfig, PTQConfig, Recipe, TaskConfig, Variant
 from qatkit.transform.rules import ActivationQuant, QuantRecipe, Rule, TensorQuant, WeightQuant, parse_quant
@@ -10,6 +11,8 @@ __all__ = [
     "FORMATS",
     "ActivationQuant",
     "CoreMLExport",
+    "CVConfig",
+    "Criteria",
     "DataConfig",
     "ExportConfig",
     "FloatStage",

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from qatkit.base.config import FilePath, Name, Strict, one_of
 from qatkit.export.config import ExportConfig
+from qatkit.recipe.checks import Criteria, CVConfig
 from qatkit.train.config import Stages, TrainConfig
 from qatkit.transform.rules import QuantRecipe
 
@@ -198,6 +199,9 @@ class Recipe(Strict):
     fp32: FloatStage = Field(default_factory=FloatStage)
     variants: list[Variant] = Field(min_length=1, max_length=64)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    cv: CVConfig | None = None
+    """Cross-validation folds (see recipe/checks.py); None: one run on the data's own split."""
+    criteria: Criteria = Field(default_factory=Criteria)
 
     @field_validator("variants")
     @classmethod

@@ -22,8 +22,9 @@ from qatkit.base.config import RecipeError
 
 MARKER = ".qatkit-run"
 LOCK = ".qatkit.lock"
-OWNED_DIRS = ("checkpoints", "stages", "tensorboard")
-OWNED_FILES = ("report.md", "report.json", "progress.json", "interventions.csv", "loss.png", MARKER, LOCK)
+OWNED_DIRS = ("checkpoints", "stages", "tensorboard", "folds")
+OWNED_FILES = ("report.md", "report.json", "progress.json", "folds.json", "interventions.csv", "loss.png", MARKER,
+               LOCK)  # fmt: skip
 OWNED_GLOBS = ("*.safetensors", "*_train.csv", "*_steps.csv", ".*.tmp")
 """Top-level names a run writes; exported files go in one folder per registered format (export.EXPORTERS)."""
 
@@ -42,7 +43,7 @@ def owned_name(name: str) -> bool:
 
 def is_run_folder(out: Path) -> bool:
     """A folder a qatkit run claimed (or one written by a qatkit version before the marker: progress.json)."""
-    return (out / MARKER).is_file() or (out / "progress.json").is_file()
+    return (out / MARKER).is_file() or (out / "progress.json").is_file() or (out / "folds.json").is_file()
 
 
 def check_ownership(out: Path, overwrite: bool) -> None:

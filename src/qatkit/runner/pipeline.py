@@ -27,6 +27,7 @@ from qatkit.components.splits import DataSplits, all_inputs, first_inputs, targe
 from qatkit.io.checkpoint import read_metadata, save_weights
 from qatkit.recipe import Recipe, Variant
 from qatkit.runner.artifacts import Source, check_extras, check_parity, verify_artifacts, write_artifacts
+from qatkit.runner.criteria import CriteriaError, judge, missed
 from qatkit.runner.outdir import claim, inside, run_lock
 from qatkit.runner.rebuild import build_info, float_model, load_packed_model
 from qatkit.runner.report import Report, Row
@@ -60,6 +61,7 @@ def run(
     model: nn.Module | Callable[[], nn.Module] | None = None,
     data: DataSplits | None = None,
     overwrite: bool = False,
+    check: bool = True,
 ) -> Report:
     """Run every stage of ``recipe``; write checkpoints, exported files and the report into ``out_dir``.
 
@@ -68,6 +70,7 @@ def run(
     trains; only rank 0 writes files, exports and verifies. ``model`` (a module, copied, or a factory) and
     ``data`` replace the recipe's own (for notebooks where nothing is importable). ``out_dir`` must be new,
     empty or a qatkit run folder; ``overwrite`` lets qatkit write beside foreign files (never replacing them).
+    ``check``: raise ParityError / CriteriaError at the end when a file fails parity or a criterion is missed.
     """
     check_extras(recipe.export)
     info = init_from_env()
@@ -78,7 +81,21 @@ def run(
         if info.main:
             claim(out, overwrite)
         barrier()
-        return _run(recipe, out, console, progress, resume, model, data)
+        report = _run(recipe, out, console, progress, resume, model, data)
+    if check:
+        check_parity(report, recipe.export.allow_parity_failure, console)
+        check_criteria(report, console)
+    return report
+
+
+def check_criteria(report: Report, console: Console) -> None:
+    """Print the criteria verdicts and raise CriteriaError when one is missed."""
+    verdicts = judge(report)
+    if verdicts:
+        console.print(f"criteria: {sum(v['passed'] for v in verdicts)} of {len(verdicts)} met")
+    failed = missed(verdicts)
+    if failed:
+        raise CriteriaError(f"{len(failed)} criteria missed: " + "; ".join(failed))
 
 
 def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: str | None, model, data) -> Report:
@@ -203,7 +220,6 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
     for w in report.warnings():
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     console.print(f"report: {out / 'report.md'}")
-    check_parity(report, recipe.export.allow_parity_failure, console)
     return report
 
 

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from qatkit.io.checkpoint import atomic_write_bytes
+from qatkit.runner.criteria import judge
+from qatkit.runner.criteria import markdown as criteria_markdown
 from qatkit.tasks import TASKS, Task
 from qatkit.transform.prepare import layers_markdown
 
@@ -126,6 +128,7 @@ class Report:
             "seconds": self.seconds,
             "folding": self.folding,
             "warnings": self.warnings(),
+            "criteria": judge(self),
         }
 
     @classmethod
@@ -208,6 +211,7 @@ class Report:
         for c in self.checks():
             value = f"{100 * c['value']:.2f}%" if c["kind"] == "share" else f"{100 * c['value']:+.2f} points"
             lines.append(f"- {c['name']}: {value}")
+        lines += criteria_markdown(judge(self))
         warnings = self.warnings()
         if warnings:
             lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]
