@@ -185,3 +185,20 @@ def test_parallel_folds_give_the_sequential_numbers(tmp_path):
                             ["mean"]) for k in a["aggregate"])  # fmt: skip
     ra, rb = final_tensors(tmp_path / "seq"), final_tensors(tmp_path / "par")
     assert all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
+def test_criteria_of_a_single_run_are_judged_and_a_miss_exits_1(tmp_path):
+    single = {k: v for k, v in RECIPE.items() if k != "cv"}
+    make_npz(tmp_path / "d.npz")
+    crit = {"max_qat_drop": 100, "max_size_ratio": 0.01, "precisions": ["int8"]}
+    (tmp_path / "cv.yaml").write_text(yaml.safe_dump({**single, "criteria": crit}))
+    r = qatkit_cli("run", "cv.yaml", "--out", "one", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 1 and "2 criteria missed: max_size_ratio w8 ptq onnx int8 vs onnx fp32" in r.stderr
+    report = json.loads((tmp_path / "one" / "report.json").read_text())
+    rows = {(x["variant"], x["stage"], x["format"]): x for x in report["rows"]}
+    size = [v for v in report["criteria"] if v["criterion"] == "max_size_ratio" and "qat" in v["where"]][0]
+    assert size["value"] == pytest.approx(
+        rows["w8", "qat", "onnx"]["size_bytes"] / rows["fp32", "fp32", "onnx"]["size_bytes"]
+    )
+    assert [v["passed"] for v in report["criteria"] if v["criterion"] == "max_qat_drop"] == [True]
+    assert "| MISSED |" in (tmp_path / "one" / "report.md").read_text()
