@@ -12,10 +12,12 @@ FORMATS = ("onnx", "tflite", "coreml", "packed")
 
 
 class TFLiteExport(Strict):
-    """LiteRT files: ``fp32``, ``fp16`` and ``dynamic_int8`` come from the float model, ``int8`` (full integer,
-    the source's own scales) from each quantized model; ``io`` is the int8 files' input/output type."""
+    """LiteRT files: ``fp32``, ``fp16`` and ``dynamic_int8`` come from the float model; ``int8`` (full integer,
+    the source's own scales) and ``hybrid`` (the same, with the layers left float storing int8 weights, float
+    compute) from each quantized model; ``int8_weights`` (weight-only int8, float compute) from both. ``io`` is
+    the int8/hybrid files' input/output type."""
 
-    precisions: list[Literal["fp32", "fp16", "dynamic_int8", "int8"]] = Field(
+    precisions: list[Literal["fp32", "fp16", "dynamic_int8", "int8", "hybrid", "int8_weights"]] = Field(
         default_factory=lambda: ["fp32", "dynamic_int8", "int8"]
     )
     io: Literal["float", "int8"] = "float"

@@ -87,7 +87,8 @@ def load_packed_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, meta
 
 
-LAYER_INFO = {"shape": list, "bits": int, "code_bits": int, "qmin": int, "ch_axis": int, "group": int}
+LAYER_INFO = {"shape": list, "bits": int, "code_bits": int, "qmin": int, "ch_axis": (int, type(None)), "group": int}
+"""Keys of a packed layer's metadata and their types (ch_axis None: one scale for the tensor)."""
 
 
 def _check_layer_info(path: str | Path, name: str, info) -> None:
@@ -96,13 +97,14 @@ def _check_layer_info(path: str | Path, name: str, info) -> None:
     if not isinstance(info, dict) or set(info) != set(LAYER_INFO):
         raise CheckpointError(f"{where}: expected the keys {', '.join(LAYER_INFO)}")
     for k, typ in LAYER_INFO.items():
-        if type(info[k]) is not typ:
-            raise CheckpointError(f"{where}.{k}: expected {typ.__name__}, got {info[k]!r}")
+        if type(info[k]) not in (typ if isinstance(typ, tuple) else (typ,)):
+            raise CheckpointError(f"{where}.{k}: expected {getattr(typ, '__name__', 'int or null')}, got {info[k]!r}")
     if not 1 <= len(info["shape"]) <= 8 or not all(type(d) is int and 0 < d <= 1 << 24 for d in info["shape"]):
         raise CheckpointError(f"{where}.shape: expected 1 to 8 positive sizes, got {info['shape']!r}")
     if not 2 <= info["bits"] <= 8 or info["code_bits"] not in (1, 2, 4, 8) or info["code_bits"] < info["bits"]:
         raise CheckpointError(f"{where}: bits {info['bits']} in code_bits {info['code_bits']} is not a packed grid")
-    if not -128 <= info["qmin"] <= 0 or not 0 <= info["ch_axis"] < len(info["shape"]) or info["group"] < 0:
+    axis_ok = info["ch_axis"] is None or 0 <= info["ch_axis"] < len(info["shape"])
+    if not -128 <= info["qmin"] <= 0 or not axis_ok or info["group"] < 0:
         raise CheckpointError(f"{where}: qmin, ch_axis or group out of range ({info})")
 
 

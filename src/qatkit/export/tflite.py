@@ -1,10 +1,12 @@
 """LiteRT (TFLite) export through litert-torch, and running the files in the LiteRT interpreter.
 
-Precisions: ``fp32`` (the float graph), ``fp16`` (FP16 weights) and ``dynamic_int8`` (int8 weights,
-activations quantized at run time), both from the float file by ai-edge-quantizer; ``int8``: a full-integer
-model from a quantized qatkit model, using the scales it was calibrated or trained with (no re-calibration).
-``io`` picks int8 or float inputs/outputs for ``int8`` files. Files have a fixed batch size (the exporter
-cannot lower a dynamic batch through flatten); run() feeds the rows in chunks of that size.
+Precisions: ``fp32`` (the float graph) and ``fp16`` (FP16 weights, by ai-edge-quantizer) from the float model;
+``int8``: a full-integer model from a quantized qatkit model, using the scales it was calibrated or trained with
+(no re-calibration); ``hybrid``: the same, with the layers the rules left float storing int8 weights (float
+compute); ``int8_weights`` (weight-only int8 everywhere, float compute) and ``dynamic_int8`` (int8 weights,
+activations quantized at run time, by ai-edge-quantizer) from either, a quantized model contributing its
+fake-quantized weights. ``io`` picks int8 or float inputs/outputs for ``int8``/``hybrid`` files. Files have a
+fixed batch size (the exporter cannot lower a dynamic batch through flatten); run() feeds rows in chunks of it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from qatkit.base.extras import require
 from qatkit.export.formats import Exporter, opened, quantized_layers
 from qatkit.export.onnx import quiet
 from qatkit.export.qdq import to_qdq
+from qatkit.export.tflite_weights import count_layers, float_copy, layer_forms, with_int8_weights
 from qatkit.nn.modules import QuantModule
 
-PRECISIONS = ("fp32", "fp16", "dynamic_int8", "int8")
+PRECISIONS = ("fp32", "fp16", "dynamic_int8", "int8", "hybrid", "int8_weights")
+FLOAT_ONLY, QUANTIZED_ONLY = ("fp32", "fp16"), ("int8", "hybrid")
+"""Precisions made from the float model only / from a quantized model only (the others: from either)."""
 _FP16_RECIPE = [
     {
         "regex": ".*",
@@ -52,42 +57,49 @@ def export_tflite(model: nn.Module, example, path: str | Path, precision: str = 
         raise ValueError(f"TFLite precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     if io not in ("float", "int8"):
         raise ValueError(f"TFLite io {io!r} is not one of float, int8")
-    quantized = any(isinstance(m, QuantModule) for m in model.modules())
-    if quantized != (precision == "int8"):
-        need = "a quantized (PTQ or QAT) model" if precision == "int8" else "a float model"
-        raise ValueError(f"TFLite precision {precision!r} needs {need}")
+    _check_source(model, precision)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = InputSpec.of(example)
     args = tuple(spec.named(example).values())
     with quiet("litert_torch", "absl"):
         lt = _litert_torch()
-        if precision == "int8":
-            _convert_int8(lt, model, spec, args, path, io)
+        if precision in QUANTIZED_ONLY:
+            _convert_int8(lt, model, spec, args, path, io, weights_too=precision == "hybrid")
+        elif precision == "int8_weights":
+            _convert_static(lt, to_qdq(with_int8_weights(model, False), signed=True), spec, args, path, True)
         elif precision == "fp32":
             lt.convert(adapt(model.eval(), spec), args).export(str(path))
         else:
             with tempfile.TemporaryDirectory() as d:
                 float_path = Path(d) / "float.tflite"
-                lt.convert(adapt(model.eval(), spec), args).export(str(float_path))
+                lt.convert(adapt(float_copy(model), spec), args).export(str(float_path))
                 _quantize_file(float_path, path, precision)
     return path
 
 
-def _convert_int8(lt, model: nn.Module, spec: InputSpec, args: tuple, path: Path, io: str) -> None:
-    """The Q/DQ graph with constant scales, converted in litert-torch's static Q/DQ mode."""
-    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
-    from litert_torch.quantize.quant_config import QuantConfig
+def _check_source(model: nn.Module, precision: str) -> None:
+    """Refuse a precision the model cannot give (fp32/fp16 need a float model; int8/hybrid a quantized one)."""
+    quantized = any(isinstance(m, QuantModule) for m in model.modules())
+    if precision in FLOAT_ONLY and quantized:
+        raise ValueError(f"TFLite precision {precision!r} needs a float model")
+    if precision in QUANTIZED_ONLY and not quantized:
+        hint = " (for int8 weights with float compute from a float model, use 'int8_weights')"
+        raise ValueError(f"TFLite precision {precision!r} needs a quantized (PTQ or QAT) model{hint}")
 
+
+def _convert_int8(lt, model: nn.Module, spec: InputSpec, args: tuple, path: Path, io: str,
+                  weights_too: bool = False) -> None:  # fmt: skip
+    """The model's Q/DQ graph with constant scales; ``weights_too``: float layers get int8 weights (hybrid)."""
     for name, m in model.named_modules():
         if isinstance(m, QuantModule) and m.weight_quant is not None and not m.weight_quant.spec.symmetric:
             raise ValueError(f"LiteRT int8 needs symmetric weight quantization; layer {name!r} is asymmetric")
+    if weights_too:
+        model = with_int8_weights(model, keep_activations=True)
     qdq = to_qdq(model, signed=True)
     if io == "int8":
         _check_int8_io(qdq)
-    config = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(get_symmetric_quantization_config(True)))
-    with _strict_qdq(io == "float"):
-        lt.convert(adapt(qdq, spec), args, quant_config=config).export(str(path))
+    _convert_static(lt, qdq, spec, args, path, io == "float")
     if io == "int8":
         runner = TFLiteRunner(path)
         dtypes = (runner.io_dtype, np.dtype(runner.output["dtype"]).name)
@@ -96,6 +108,16 @@ def _convert_int8(lt, model: nn.Module, spec: InputSpec, args: tuple, path: Path
             raise ValueError(f"TFLite io 'int8' gave {dtypes[0]} inputs and {dtypes[1]} outputs: the model's first "
                              "layer must quantize its input and the layer producing its output must quantize its "
                              "output (`output: {}`)")  # fmt: skip
+
+
+def _convert_static(lt, model: nn.Module, spec: InputSpec, args: tuple, path: Path, float_io: bool) -> None:
+    """Convert a Q/DQ graph in litert-torch's static Q/DQ mode (constant-scale pairs become int8 tensors)."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    config = QuantConfig(pt2e_quantizer=PT2EQuantizer().set_global(get_symmetric_quantization_config(True)))
+    with _strict_qdq(float_io):
+        lt.convert(adapt(model, spec), args, quant_config=config).export(str(path))
 
 
 def _check_int8_io(qdq: nn.Module) -> None:
@@ -220,7 +242,10 @@ class TFLiteExporter(Exporter):
     format, runtime, suffix, extra, title = "tflite", "litert", ".tflite", "tflite", "TFLite export"
 
     def precisions(self, src, cfg):
-        return [p for p in cfg.tflite.precisions if (p == "int8") == src.quantized]
+        """Float model: fp32, fp16, dynamic_int8, int8_weights; quantized: int8, hybrid, int8_weights (a quantized
+        model's dynamic_int8 file is written by :func:`export_tflite` only, so default runs stay as they were)."""
+        own = ("int8", "hybrid", "int8_weights") if src.quantized else ("fp32", "fp16", "dynamic_int8", "int8_weights")
+        return [p for p in cfg.tflite.precisions if p in own]
 
     def write(self, src, precision, path, example, spec, cfg):
         export_tflite(src.model, spec.structured(rows(example, 0, 1)), path, precision, cfg.tflite.io)
@@ -244,11 +269,13 @@ class TFLiteExporter(Exporter):
 
     def details(self, art, cfg):
         r = opened(art, cfg)
-        return {"ops": dict(Counter(r.op_names())), "io_dtype": r.io_dtype}
+        forms = dict(layer_forms(r.interpreter))
+        layers = {**forms, "model layers": count_layers(art.source.model)}
+        return {"ops": dict(Counter(r.op_names())), "io_dtype": r.io_dtype, "layers": layers}
 
     def float_layers(self, art, cfg):
         """How many quantized layers have no integer op in the file (LiteRT op names do not name layers)."""
-        if art.precision != "int8":
+        if art.precision not in QUANTIZED_ONLY:
             return []
         r = opened(art, cfg)
         integer = sum(r.op_names().count(k) for k in COMPUTE_OPS) - len(r.float_ops())

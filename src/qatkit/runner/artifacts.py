@@ -22,7 +22,7 @@ from qatkit.runner.outdir import inside
 from qatkit.runner.report import Report, Row
 from qatkit.tasks import Task
 
-INTEGER_PRECISIONS = {"int8", "dynamic_int8"}
+INTEGER_PRECISIONS = {"int8", "dynamic_int8", "hybrid"}
 """Precisions held to the agreement threshold, with every packed file (float files: the metric threshold only)."""
 
 __all__ = ["Artifact", "ParityError", "Source", "check_extras", "check_parity", "verify_artifacts", "write_artifacts"]
