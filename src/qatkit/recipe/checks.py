@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -47,7 +47,18 @@ class Criteria(Strict):
     precisions: list[str] | None = Field(None, min_length=1, max_length=16)
     """The exported precisions the two file checks apply to (e.g. [hybrid]); default: every quantized file."""
     no_collapse: bool = False
-    """No collapse-guard intervention in any training stage."""
+    """No collapse-guard intervention in any QAT stage."""
 
     def any(self) -> bool:
         return any(v not in (None, False) for k, v in self.model_dump().items() if k != "precisions")
+
+
+class MixedPrecision(Strict):
+    """Weight widths chosen per layer: each layer the variant's rules quantize is measured alone at every
+    ``candidates`` width (output divergence from the float model on ``eval_rows`` validation rows), then the
+    widths with the least total divergence whose weight-count-weighted mean is at most ``budget_bits`` are
+    written back as one rule per layer (``OUT/<variant>_mixed_precision.yaml``)."""
+
+    budget_bits: float = Field(ge=1, le=8)
+    candidates: list[Annotated[int, Field(ge=2, le=8)]] = Field([2, 3, 4, 8], min_length=1, max_length=7)
+    eval_rows: int = Field(1024, ge=16, le=100_000)
