@@ -102,3 +102,19 @@ def test_float_model_refuses_hybrid_and_the_runner_picks_precisions(ffn_qat, tmp
                                                                                   "int8_weights"]  # fmt: skip
     assert ex.precisions(Source("ffn", "qat", qat, torch.zeros(1)), cfg) == ["int8", "hybrid", "int8_weights"]
     assert ExportConfig().tflite.precisions == ["fp32", "dynamic_int8", "int8"]  # default runs write what they did
+
+
+def test_stripped_names_give_a_smaller_file_with_the_same_outputs(ffn_qat, tmp_path):
+    from ai_edge_litert import schema_py_generated as schema
+
+    data, _, qat = ffn_qat
+    x = data.test.tensors[0]
+    full = export_tflite(qat, x[:1], tmp_path / "full.tflite", "hybrid")
+    bare = export_tflite(qat, x[:1], tmp_path / "bare.tflite", "hybrid", strip_names=True)
+    assert bare.stat().st_size < full.stat().st_size - 1000
+    np.testing.assert_array_equal(TFLiteRunner(bare).run(x.numpy()), TFLiteRunner(full).run(x.numpy()))
+    model = schema.ModelT.InitFromPackedBuf(bare.read_bytes(), 0)
+    sg = model.subgraphs[0]
+    named = [i for i, t in enumerate(sg.tensors) if t.name]
+    assert sorted(named) == sorted(set(sg.inputs) | set(sg.outputs))  # only the graph's inputs and outputs
+    assert _details(qat, "hybrid", bare)["layers"] == _details(qat, "hybrid", full)["layers"]

@@ -21,6 +21,9 @@ class TFLiteExport(Strict):
         default_factory=lambda: ["fp32", "dynamic_int8", "int8"]
     )
     io: Literal["float", "int8"] = "float"
+    strip_names: bool = False
+    """Drop internal tensor names (debug strings) from every LiteRT file: smaller files, same graph; keep them
+    for reading a file in a viewer."""
 
 
 class CoreMLExport(Strict):

@@ -27,6 +27,7 @@ from qatkit.export.formats import Exporter, opened, quantized_layers
 from qatkit.export.onnx import quiet
 from qatkit.export.qdq import to_qdq
 from qatkit.export.tflite_weights import count_layers, float_copy, layer_forms, with_int8_weights
+from qatkit.io.checkpoint import atomic_write_bytes
 from qatkit.nn.modules import QuantModule
 
 PRECISIONS = ("fp32", "fp16", "dynamic_int8", "int8", "hybrid", "int8_weights")
@@ -50,7 +51,9 @@ def _litert_torch():
     return require("litert_torch", "tflite", "TFLite export")
 
 
-def export_tflite(model: nn.Module, example, path: str | Path, precision: str = "fp32", io: str = "float") -> Path:
+def export_tflite(
+    model: nn.Module, example, path: str | Path, precision: str = "fp32", io: str = "float", strip_names: bool = False
+) -> Path:
     """Write ``model`` as a LiteRT flatbuffer at ``path`` (batch size of ``example``: a tensor, a tuple of
     positional inputs or a dict of keyword inputs; the file takes them positionally, in that order)."""
     if precision not in PRECISIONS:
@@ -75,7 +78,29 @@ def export_tflite(model: nn.Module, example, path: str | Path, precision: str = 
                 float_path = Path(d) / "float.tflite"
                 lt.convert(adapt(float_copy(model), spec), args).export(str(float_path))
                 _quantize_file(float_path, path, precision)
+    if strip_names:
+        strip_tensor_names(path)
     return path
+
+
+def strip_tensor_names(path: Path) -> int:
+    """Rewrite a LiteRT file without its internal tensor names (debug strings; graph inputs and outputs keep
+    theirs): the same graph and buffers in a smaller file. Returns the bytes saved."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = path.read_bytes()
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    for sg in model.subgraphs:
+        keep = {int(i) for ids in (sg.inputs, sg.outputs) if ids is not None for i in ids}
+        for i, t in enumerate(sg.tensors):
+            if i not in keep:
+                t.name = b""
+    builder = flatbuffers.Builder(len(data))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    out = bytes(builder.Output())
+    atomic_write_bytes(path, out)
+    return len(data) - len(out)
 
 
 def _check_source(model: nn.Module, precision: str) -> None:
@@ -248,7 +273,8 @@ class TFLiteExporter(Exporter):
         return [p for p in cfg.tflite.precisions if p in own]
 
     def write(self, src, precision, path, example, spec, cfg):
-        export_tflite(src.model, spec.structured(rows(example, 0, 1)), path, precision, cfg.tflite.io)
+        example = spec.structured(rows(example, 0, 1))
+        export_tflite(src.model, example, path, precision, cfg.tflite.io, cfg.tflite.strip_names)
 
     def open(self, art, cfg):
         return TFLiteRunner(art.path, cfg.latency_threads)
@@ -263,7 +289,7 @@ class TFLiteExporter(Exporter):
         if batch != runner.batch:
             path = workdir / f"b{batch}_{art.path.name}"
             example = art.spec.structured({k: torch.from_numpy(v) for k, v in x.items()})
-            export_tflite(art.source.model, example, path, art.precision, cfg.tflite.io)
+            export_tflite(art.source.model, example, path, art.precision, cfg.tflite.io, cfg.tflite.strip_names)
             runner = TFLiteRunner(path, cfg.latency_threads)
         return lambda: runner.run(x)
 
