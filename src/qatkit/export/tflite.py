@@ -198,6 +198,8 @@ class TFLiteRunner:
     float outputs out (int8 I/O converted here)."""
 
     def __init__(self, path: str | Path, threads: int = 1):
+        self.path = Path(path)
+        self._graph = None
         with quiet():
             interp = require("ai_edge_litert.interpreter", "tflite", "Running TFLite files")
             self.interpreter = interp.Interpreter(model_path=str(path), num_threads=threads)
@@ -212,14 +214,25 @@ class TFLiteRunner:
     def io_dtype(self) -> str:
         return np.dtype(self.input["dtype"]).name
 
+    @property
+    def graph(self):
+        """The file's own ops, read by an interpreter without the XNNPACK delegate (which replaces the ops it
+        takes, DEQUANTIZE of weights included, by DELEGATE nodes): what the file holds, for counting."""
+        if self._graph is None:
+            with quiet():
+                interp = require("ai_edge_litert.interpreter", "tflite", "Running TFLite files")
+                plain = interp.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+                self._graph = interp.Interpreter(model_path=str(self.path), experimental_op_resolver_type=plain)
+        return self._graph
+
     def op_names(self) -> list[str]:
-        return [d["op_name"] for d in self.interpreter._get_ops_details()]
+        return [d["op_name"] for d in self.graph._get_ops_details()]
 
     def float_ops(self, kinds=COMPUTE_OPS) -> list[str]:
         """Ops of ``kinds`` whose input is float: layers the interpreter runs in float, not in int8."""
-        tensors = {d["index"]: d for d in self.interpreter.get_tensor_details()}
+        tensors = {d["index"]: d for d in self.graph.get_tensor_details()}
         out = []
-        for op in self.interpreter._get_ops_details():
+        for op in self.graph._get_ops_details():
             ins = [i for i in op["inputs"] if i >= 0]
             if op["op_name"] in kinds and ins and tensors[ins[0]]["dtype"] == np.float32:
                 out.append(f"{op['op_name']} #{op['index']}")
@@ -295,7 +308,7 @@ class TFLiteExporter(Exporter):
 
     def details(self, art, cfg):
         r = opened(art, cfg)
-        forms = dict(layer_forms(r.interpreter))
+        forms = dict(layer_forms(r.graph))
         layers = {**forms, "model layers": count_layers(art.source.model)}
         return {"ops": dict(Counter(r.op_names())), "io_dtype": r.io_dtype, "layers": layers}
 

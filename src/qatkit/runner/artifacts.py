@@ -22,8 +22,10 @@ from qatkit.runner.outdir import inside
 from qatkit.runner.report import Report, Row
 from qatkit.tasks import Task
 
-INTEGER_PRECISIONS = {"int8", "dynamic_int8", "hybrid"}
-"""Precisions held to the agreement threshold, with every packed file (float files: the metric threshold only)."""
+INTEGER_PRECISIONS = {"int8", "dynamic_int8"}
+"""Precisions held to the agreement threshold, with every packed file (float files: the metric threshold only).
+hybrid and int8_weights add weight rounding their source does not have (like fp16): they are held to
+max_accuracy_drop, and their agreement is reported."""
 
 __all__ = ["Artifact", "ParityError", "Source", "check_extras", "check_parity", "verify_artifacts", "write_artifacts"]
 
