@@ -84,3 +84,40 @@ def test_the_fragile_layer_ranks_first_and_gets_the_most_bits():
     for name, bits in chosen.items():
         assert getattr(prepared, name).weight_quant.spec.bits == bits
         assert getattr(prepared, name).weight_quant.spec.granularity == "tensor"  # the rule's other settings kept
+
+
+def test_a_run_with_mixed_precision_uses_the_chosen_widths(tmp_path):
+    import yaml
+
+    import qatkit
+
+    recipe = {"name": "mp", "data": {"name": "digits"}, "model": {"name": "mlp", "args": {"hidden": [32, 16]}},
+              "fp32": {"train": {"epochs": 3, "lr": 0.01, "logging": {"tensorboard": False}}},
+              "variants": [{"name": "mix", "quant": {"rules": [{"match": "*", "weight": {"bits": 2}}]},
+                            "mixed_precision": {"budget_bits": 3.0, "candidates": [2, 4, 8], "eval_rows": 128},
+                            "ptq": {"calib_batches": 1}, "qat": None}],
+              "export": {"formats": []}}  # fmt: skip
+    report = qatkit.run(recipe, tmp_path / "out", progress=False)
+    record = report.sensitivity["mix"]
+    chosen = record["chosen"]
+    weights = {s["name"]: s["weights"] for s in record["layers"]}
+    assert set(chosen) == {"net.1", "net.3", "net.5"} and set(chosen.values()) <= {2, 4, 8}
+    mean = sum(weights[n] * b for n, b in chosen.items()) / sum(weights.values())
+    assert mean == pytest.approx(record["average_bits"]) and mean <= 3.0
+    layers = {r["name"]: r for r in report.layers["mix"]["layers"]}
+    for name, bits in chosen.items():
+        assert layers[name]["weight"].startswith(f"int{bits} ")  # the layer report shows the chosen width
+    saved = yaml.safe_load((tmp_path / "out" / "mix_mixed_precision.yaml").read_text())
+    again = qatkit.run({**recipe, "name": "mp2", "variants": [{"name": "mix", "quant": saved["quant"], "qat": None,
+                        "ptq": {"calib_batches": 1}}]}, tmp_path / "again", progress=False)  # fmt: skip
+    assert [r["weight"] for r in again.layers["mix"]["layers"]] == [r["weight"] for r in layers.values()]
+    assert "## Mixed precision: mix" in (tmp_path / "out" / "report.md").read_text()
+    from qatkit.runner.export_run import export_run  # a later export rebuilds the model with the chosen widths
+
+    from qatkit.recipe import parse_recipe
+    from qatkit.runner.export_run import variant_quant
+
+    rebuilt = variant_quant(tmp_path / "out", parse_recipe(recipe).variants[0])
+    assert {r.match[0]: r.weight.bits for r in rebuilt.rules} == chosen
+    exported, _ = export_run(tmp_path / "out", ["onnx"])
+    assert exported.find("mix", "ptq", "onnxruntime").parity == "ok"

@@ -137,6 +137,34 @@ def layers(recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file o
 
 
 @app.command()
+def sensitivity(
+    run_dir: Path = typer.Argument(..., help="A finished run folder (its fp32.safetensors is measured)."),
+    variant: Optional[str] = typer.Option(None, "--variant", "-v", help="Whose rules (default: the first)."),
+    bits: str = typer.Option("2,3,4,8", "--bits", help="Candidate weight widths, comma-separated."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Average bits per weight: choose widths."),
+    rows: int = typer.Option(1024, "--rows", help="Held-out rows to measure on."),
+) -> None:
+    """Per-layer sensitivity: each layer alone at each width vs the float model; with --budget, the widths
+    with the least total divergence, written as RUN_DIR/<variant>_mixed_precision.yaml."""
+    from pydantic import ValidationError
+
+    from qatkit.base.config import format_validation_error
+    from qatkit.recipe import MixedPrecision, RecipeError
+    from qatkit.runner.sensitivity_run import sensitivity_of_run
+
+    try:
+        cands = [int(b) for b in bits.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"--bits {bits!r}: comma-separated integers, e.g. 2,4,8") from None
+    try:  # the recipe's bounds
+        MixedPrecision(budget_bits=budget or 8, candidates=cands, eval_rows=rows)
+    except ValidationError as e:
+        raise RecipeError(f"qatkit sensitivity: {format_validation_error(e, MixedPrecision)}") from None
+    md, _ = sensitivity_of_run(run_dir, variant, cands, budget, rows)
+    console.print(md.read_text(), highlight=False)
+
+
+@app.command()
 def recipes() -> None:
     """List the bundled recipes."""
     from qatkit.recipe import load_recipe

@@ -2,7 +2,7 @@
 
 from qatkit.base.config import RecipeError
 from qatkit.export.config import FORMATS, CoreMLExport, ExportConfig, TFLiteExport
-from qatkit.recipe.checks import Criteria, CVConfig
+from qatkit.recipe.checks import Criteria, CVConfig, MixedPrecision
 from qatkit.recipe.load import load_recipe, parse_recipe
 from qatkit.recipe.schema import DataConfig, FloatStage, ModelConfig, PTQConfig, Recipe, TaskConfig, Variant
 from qatkit.transform.rules import ActivationQuant, QuantRecipe, Rule, TensorQuant, WeightQuant, parse_quant
@@ -16,6 +16,7 @@ __all__ = [
     "DataConfig",
     "ExportConfig",
     "FloatStage",
+    "MixedPrecision",
     "ModelConfig",
     "PTQConfig",
     "QuantRecipe",

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from qatkit.base.config import FilePath, Name, Strict, one_of
 from qatkit.export.config import ExportConfig
-from qatkit.recipe.checks import Criteria, CVConfig
+from qatkit.recipe.checks import Criteria, CVConfig, MixedPrecision
 from qatkit.train.config import Stages, TrainConfig
 from qatkit.transform.rules import QuantRecipe
 
@@ -176,6 +176,8 @@ class Variant(Strict):
     quant: QuantRecipe
     """Rules and/or a preset; a preset name alone (``quant: int8``) is short for ``{preset: int8}``."""
     ptq: PTQConfig = Field(default_factory=PTQConfig)
+    mixed_precision: MixedPrecision | None = None
+    """Weight widths per layer under a bit budget, from measured sensitivity (recipe/checks.py)."""
     qat: Stages | None = Field(default_factory=lambda: TrainConfig(epochs=10, lr=1e-4))
     """One QAT stage, or a chain of stages (seed 000's stabilise-then-fine-tune), or None for PTQ only."""
 
@@ -228,6 +230,8 @@ class Recipe(Strict):
                 if cfg.monitor is not None and cfg.monitor not in task.monitors:
                     raise ValueError(f"{at}.monitor: {cfg.monitor!r} is not a metric of task {task.name!r}; allowed: "
                                      f"{', '.join(task.monitors)}")  # fmt: skip
+                if where == "fp32.train" and cfg.distill is not None:
+                    raise ValueError(f"{at}.distill: the float stage has no teacher (distill is for QAT stages)")
                 if not task.classes and (cfg.class_weights is not None or cfg.label_smoothing):
                     raise ValueError(f"{at}: class_weights and label_smoothing need classes (task {task.name!r})")
         return self

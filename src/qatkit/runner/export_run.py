@@ -27,6 +27,7 @@ from qatkit.runner.report import Report
 from qatkit.tasks import predict
 from qatkit.train import make_loader
 from qatkit.transform.prepare import prepare
+from qatkit.transform.rules import parse_quant
 
 
 def _load(model: torch.nn.Module, path: Path, stage: str) -> torch.nn.Module:
@@ -34,6 +35,19 @@ def _load(model: torch.nn.Module, path: Path, stage: str) -> torch.nn.Module:
     check_state_fits(path, model.state_dict(), state)
     model.load_state_dict(state)
     return model.eval()
+
+
+def variant_quant(run_dir: Path, v):
+    """The rules a variant was run with: with mixed_precision, the widths the run chose (written beside it)."""
+    if v.mixed_precision is None:
+        return v.quant
+    from qatkit.recipe.load import read_yaml
+
+    path = run_dir / f"{v.name}_mixed_precision.yaml"
+    saved = read_yaml(path, "a mixed-precision choice")
+    if not isinstance(saved, dict) or "quant" not in saved:
+        raise CheckpointError(f"{path}: expected a mapping with the key quant")
+    return parse_quant(saved["quant"])
 
 
 def run_sources(run_dir: Path, recipe, data, task, console: Console | None = None) -> list[Source]:
@@ -57,8 +71,9 @@ def run_sources(run_dir: Path, recipe, data, task, console: Console | None = Non
                     console.print(f"[yellow]warning:[/] no {path.name}: {v.name} {stage} is not exported")
                 continue
             model = new_model()
-            prepare(model, v.quant)
-            build = build_info(recipe.model, recipe.base_dir, shape, n_out, folded, v.quant)
+            quant = variant_quant(run_dir, v)
+            prepare(model, quant)
+            build = build_info(recipe.model, recipe.base_dir, shape, n_out, folded, quant)
             sources.append(
                 Source(
                     v.name,
@@ -124,3 +139,16 @@ def _export(run_dir: Path, recipe: Recipe, saved: dict, console: Console) -> Rep
     console.print(report.rich_table())
     console.print(f"report: {run_dir / 'report.md'}")
     return report
+
+
+def load_run(run_dir: str | Path) -> tuple[Recipe, object, object, torch.nn.Module]:
+    """A finished run's recipe, data splits, task and float model (report.json and fp32.safetensors)."""
+    run_dir = Path(run_dir)
+    saved = read_report(run_dir / "report.json")
+    recipe = parse_recipe(saved["recipe"], str(run_dir / "report.json"))
+    data = load_data(recipe.data, recipe.task.name, recipe.seed, recipe.base_dir)
+    task = make_task(recipe, data)
+    fp32_path = run_dir / "fp32.safetensors"
+    folded = bool(read_metadata(fp32_path).get("folded"))
+    model = float_model(recipe.model, recipe.base_dir, data.input_shape, task.num_outputs(), folded)
+    return recipe, data, task, _load(model, fp32_path, "fp32")

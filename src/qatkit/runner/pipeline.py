@@ -31,9 +31,11 @@ from qatkit.runner.criteria import CriteriaError, judge, missed
 from qatkit.runner.outdir import claim, inside, run_lock
 from qatkit.runner.rebuild import build_info, float_model, load_packed_model
 from qatkit.runner.report import Report, Row
+from qatkit.runner.sensitivity_run import choose_widths, sensitivity_lines, write_choice
 from qatkit.runner.stages import StageRunner, seed_everything
 from qatkit.tasks import TASKS, Task, predict
 from qatkit.train import make_loader
+from qatkit.train.distill import Teacher
 from qatkit.train.distributed import barrier, current, init_from_env
 from qatkit.transform.calibrate import calibrate
 from qatkit.transform.fold import fold_batchnorm
@@ -177,8 +179,17 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
     record(fp32, "fp32", "fp32", ckpt.stat().st_size)
 
     # ---- each quantized variant: PTQ, then QAT warm-started from the float checkpoint -----------
+    distills = any(c.distill for v in recipe.variants for c in (v.qat if isinstance(v.qat, list) else [v.qat]) if c)
+    teacher = Teacher(fp32) if distills else None  # a frozen copy of the float model for QAT stages with distill
     for vi, v in enumerate(recipe.variants):
         console.rule(f"[bold]{v.name}[/]: PTQ and QAT")
+        if v.mixed_precision is not None:  # widths per layer from measured sensitivity, under the bit budget
+            quant, chosen = choose_widths(fp32, v.quant, v.mixed_precision, data, task, recipe.seed)
+            v = v.model_copy(update={"quant": quant})
+            report.sensitivity[v.name] = chosen
+            path = write_choice(out, v.name, quant, chosen) if info.main else None
+            console.print("\n".join(sensitivity_lines(chosen)), highlight=False)
+            console.print(f"mixed precision: {chosen['average_bits']:.2f} bits per weight; recipe {path}")
         ptq_model = copy.deepcopy(fp32)
         layers = _prepare_variant(ptq_model, v)
         console.print(layers.rich_table())
@@ -202,7 +213,7 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
         if status["fake_quant_on"] == 0:
             raise RuntimeError(f"variant {v.name}: QAT requested but no fake quantizer is active")
         console.print(f"QAT active: {status['fake_quant_on']} fake quantizers on {status['wrappers']} layers")
-        stages.train(qat_model, v.qat, f"{v.name}_qat", recipe.seed + 1000 * (vi + 1))
+        stages.train(qat_model, v.qat, f"{v.name}_qat", recipe.seed + 1000 * (vi + 1), teacher)
         summarize(f"{v.name}_qat")
         qckpt = save(f"{v.name}_qat.safetensors", qat_model, {"stage": f"{v.name}/qat"})
         record(qat_model, v.name, "qat", qckpt.stat().st_size, v)

@@ -9,6 +9,7 @@ from pathlib import Path
 from qatkit.io.checkpoint import atomic_write_bytes
 from qatkit.runner.criteria import judge
 from qatkit.runner.criteria import markdown as criteria_markdown
+from qatkit.runner.sensitivity_run import sensitivity_lines
 from qatkit.tasks import TASKS, Task
 from qatkit.transform.prepare import layers_markdown
 
@@ -51,6 +52,8 @@ class Report:
     seconds: float = 0.0
     folding: dict = field(default_factory=dict)
     """BatchNorm folding: which were folded, which were left and why (transform/fold.py)."""
+    sensitivity: dict[str, dict] = field(default_factory=dict)
+    """Per variant with mixed_precision: each layer's divergence per width and the widths chosen."""
 
     @property
     def task(self) -> Task:
@@ -127,6 +130,7 @@ class Report:
             "training": self.training,
             "seconds": self.seconds,
             "folding": self.folding,
+            "sensitivity": self.sensitivity,
             "warnings": self.warnings(),
             "criteria": judge(self),
         }
@@ -141,7 +145,8 @@ class Report:
                 r = dict(r, format="onnx", precision="fp32" if r["variant"] == "fp32" else "int8")
             rows.append(Row(**{k: v for k, v in r.items() if k in known}))
         return cls(d["recipe"], d["data"], d["class_names"], rows, d.get("layers", {}), d.get("warm_start", {}),
-                   d.get("training", {}), d.get("seconds", 0.0), d.get("folding", {}))  # fmt: skip
+                   d.get("training", {}), d.get("seconds", 0.0), d.get("folding", {}),
+                   d.get("sensitivity", {}))  # fmt: skip
 
     def write(self, out: Path) -> None:
         atomic_write_bytes(out / "report.json", json.dumps(self.to_dict(), indent=2).encode())
@@ -212,6 +217,8 @@ class Report:
             value = f"{100 * c['value']:.2f}%" if c["kind"] == "share" else f"{100 * c['value']:+.2f} points"
             lines.append(f"- {c['name']}: {value}")
         lines += criteria_markdown(judge(self))
+        for v, record in self.sensitivity.items():
+            lines += ["", f"## Mixed precision: {v}", "", *sensitivity_lines(record)]
         warnings = self.warnings()
         if warnings:
             lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]

@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qatkit.base.config import RecipeError
 from qatkit.io.checkpoint import CheckpointError, atomic_write_bytes, load_weights, read_metadata, save_weights
 from qatkit.io.jsonfile import read_json_object
 from qatkit.runner.outdir import inside
 from qatkit.train.config import TrainConfig
+from qatkit.train.distill import Teacher
 from qatkit.train.distributed import barrier, current
 from qatkit.train.loop import LoaderOptions, fit
 from qatkit.train.state import read_counters
@@ -75,6 +77,16 @@ def differences(a, b, where: str = "") -> list[str]:
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{where}[{i}]")]
     return [] if a == b else [f"{where}: checkpoint {a!r} vs recipe {b!r}"]
+
+
+def refuse_distill(cfgs: TrainConfig | list[TrainConfig], where: str) -> None:
+    """RecipeError naming each stage of ``cfgs`` that asks for distillation (it has no teacher)."""
+    listed = cfgs if isinstance(cfgs, list) else [cfgs]
+    bad = [f"{where}[{j}].distill" if isinstance(cfgs, list) else f"{where}.distill"
+           for j, c in enumerate(listed) if c.distill is not None]  # fmt: skip
+    if bad:
+        raise RecipeError(f"{', '.join(bad)}: the float stage has no teacher to distil from (distill applies to QAT "
+                          "stages, whose teacher is the float model); remove it")  # fmt: skip
 
 
 class StageRunner:
@@ -140,8 +152,12 @@ class StageRunner:
             more = f" (+{len(diffs) - 5} more)" if len(diffs) > 5 else ""
             raise CheckpointError(f"{ckpt} was made by a different recipe: {'; '.join(diffs[:5])}{more}")
 
-    def train(self, model: torch.nn.Module, cfgs: TrainConfig | list[TrainConfig], prefix: str, base_seed: int) -> None:
-        """Train ``model`` through each stage of ``cfgs`` (a finished stage is loaded, not retrained)."""
+    def train(self, model: torch.nn.Module, cfgs: TrainConfig | list[TrainConfig], prefix: str, base_seed: int,
+              teacher: Teacher | None = None) -> None:  # fmt: skip
+        """Train ``model`` through each stage of ``cfgs`` (a finished stage is loaded, not retrained);
+        stages with ``distill`` learn from ``teacher`` (the float model)."""
+        if teacher is None:
+            refuse_distill(cfgs, "fp32.train" if prefix == "fp32" else prefix)
         cfgs = cfgs if isinstance(cfgs, list) else [cfgs]
         d, r = self.data, self.recipe
         opts = LoaderOptions(r.data.num_workers, r.data.persistent_workers, r.data.prefetch_factor, r.data.pin_memory)
@@ -155,7 +171,8 @@ class StageRunner:
             seed_everything(base_seed + i)
             res = fit(model, d.train, d.val, cfg, num_classes=d.num_classes, task=self.task, batch_size=r.data.batch_size,
                       seed=base_seed + i, loader=opts, run_dir=self.out, stage=name, resume=ckpt,
-                      fingerprint=self.fingerprint, device=self.device, progress=self.progress)  # fmt: skip
+                      fingerprint=self.fingerprint, device=self.device, progress=self.progress,
+                      teacher=teacher if cfg.distill else None)  # fmt: skip
             model.cpu()
             self.summaries[name] = res.summary()
             final = self.out / "stages" / f"{name}.safetensors"

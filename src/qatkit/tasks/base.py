@@ -105,6 +105,10 @@ class Task:
     def columns(self) -> list[Column]:
         raise NotImplementedError
 
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """How far a student's outputs are from a teacher's on the same batch (knowledge distillation)."""
+        raise NotImplementedError(f"task {self.name!r} has no distillation loss (Task.distill_loss)")
+
     # ---- shared -------------------------------------------------------------------------------------
     def check_monitor(self, monitor: str) -> str:
         if monitor not in self.monitors:
@@ -147,9 +151,14 @@ class SupervisedObjective:
         self.val_fields = [f"val_{k}" for k in task.monitors]
 
     def loss(self, model: nn.Module, batch, device: str) -> tuple[torch.Tensor, int]:
+        outputs, y = self.outputs(model, batch, device)
+        return self.criterion(outputs, y), len(y)
+
+    def outputs(self, model: nn.Module, batch, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's outputs on a batch's inputs, and its targets, on ``device``."""
         inputs, y = split_batch(batch)
         y = torch.as_tensor(y).to(device, non_blocking=True)
-        return self.criterion(output_tensor(call(model, to_device(inputs, device))), y), len(y)
+        return output_tensor(call(model, to_device(inputs, device))), y
 
     def evaluate(self, model: nn.Module, loader: DataLoader, device: str) -> dict:
         outputs, targets = predict(model, loader, device)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from qatkit.tasks.base import Column, Task, decimal, percent
-from qatkit.tasks.classification import class_weight_tensor, recall_and_f1, recall_cells
+from qatkit.tasks.classification import class_weight_tensor, recall_and_f1, recall_cells, softmax_kl
 
 
 def positive_probability(outputs: torch.Tensor) -> torch.Tensor:
@@ -47,6 +47,17 @@ class BinaryTask(Task):
             return F.binary_cross_entropy_with_logits(logits, t, weight=w)
 
         return loss
+
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Two logits: as classification. One logit: the KL between the two Bernoulli distributions
+        sigmoid(teacher / T) and sigmoid(student / T), times T², mean over the batch."""
+        positive_probability(student.detach()[:1])  # refuses shapes the task cannot read
+        if student.dim() == 2 and student.shape[1] == 2:
+            return softmax_kl(student, teacher, temperature)
+        s, t = student.float().reshape(-1) / temperature, teacher.float().reshape(-1) / temperature
+        p = torch.sigmoid(t)
+        kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+        return kl.mean() * temperature**2
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict:
         from sklearn.metrics import average_precision_score, roc_auc_score

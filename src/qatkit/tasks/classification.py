@@ -23,6 +23,13 @@ def class_weight_tensor(spec, targets: torch.Tensor | None, num_classes: int) ->
     return torch.tensor(spec, dtype=torch.float32)
 
 
+def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation loss: KL(softmax(teacher / T) || softmax(student / T)) * T², mean over the batch."""
+    log_q = F.log_softmax(student.float() / temperature, -1)
+    log_p = F.log_softmax(teacher.float() / temperature, -1)
+    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature**2
+
+
 def recall_and_f1(y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
     from sklearn.metrics import f1_score, recall_score
 
@@ -57,6 +64,10 @@ class ClassificationTask(Task):
             return loss_fn(outputs, y)
 
         return loss
+
+    def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        self.check_shape(student)
+        return softmax_kl(student, teacher, temperature)
 
     def check_shape(self, outputs: torch.Tensor) -> None:
         if outputs.dim() != 2 or outputs.shape[1] != self.num_classes:

@@ -49,6 +49,18 @@ class LoggingConfig(Strict):
     step_csv: bool = Field(False, description="also write <stage>_steps.csv: loss, lr, grad norm every step")
 
 
+class DistillConfig(Strict):
+    """Knowledge distillation from the float model (QAT stages): loss = (1 - weight) * task + weight * distill."""
+
+    weight: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0, le=100)
+    """Softens both models' logits (classification, binary); the KL is scaled by T² (Hinton). Unused for
+    regression, whose distillation loss is the MSE between the two models' outputs."""
+    cache: Literal["auto"] | bool = "auto"
+    """Teacher outputs computed once over the train split (true), every step (false), or cached when they
+    fit in 256 MB (auto). Caching assumes the train split yields the same inputs every epoch (no augmentation)."""
+
+
 class TrainConfig(Strict):
     """One training stage: optimiser, schedule, regularisation, stopping, guards, checkpoints, logging."""
 
@@ -87,6 +99,8 @@ class TrainConfig(Strict):
     guards: GuardConfig = Field(default_factory=GuardConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distill: DistillConfig | None = None
+    """Distil the float model into this (QAT) stage; None: the task loss alone."""
 
     @field_validator("schedule")
     @classmethod

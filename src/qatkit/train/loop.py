@@ -23,6 +23,7 @@ from qatkit.components.splits import targets_of
 from qatkit.nn.fake_quantizer import FakeQuantizer
 from qatkit.tasks import ClassificationTask, Objective, Task, predict
 from qatkit.train.config import TrainConfig
+from qatkit.train.distill import Teacher, with_teacher
 from qatkit.train.distributed import DistInfo, GlobalBatchSampler, any_true, current, from_main
 from qatkit.train.guards import Guards, Intervention, TrainingDiverged
 from qatkit.train.helpers import (
@@ -99,6 +100,7 @@ def fit(
     on_epoch_start=None,
     task: Task | None = None,
     objective: Objective | None = None,
+    teacher: Teacher | nn.Module | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``cfg.epochs``; keep the weights of the best validation epoch.
 
@@ -106,7 +108,8 @@ def fit(
     ``run_dir/checkpoints/<stage>/``; ``resume`` continues from such a checkpoint exactly (same weights as an
     uninterrupted run on CPU). ``on_epoch_start(epoch, model)`` is a test hook (e.g. to inject a fault).
     ``task`` says what is learned (default: classification into ``num_classes``); ``objective`` replaces it
-    with any loss/evaluate pair (the LM distillation task).
+    with any loss/evaluate pair (the LM distillation task). ``teacher``: the model a ``cfg.distill`` stage learns
+    from (train/distill.py).
     """
     if cfg.epochs == 0:
         return FitResult()
@@ -116,6 +119,10 @@ def fit(
                 raise ValueError("fit needs num_classes (classification), a task or an objective")
             task = ClassificationTask(num_classes)
         objective = task.objective(cfg, targets_of(train_ds) if cfg.class_weights == "balanced" else None)
+    if cfg.distill is not None:
+        if teacher is None:
+            raise ValueError("distill: this stage has no teacher (the float model distils into QAT stages only)")
+        objective, train_ds = with_teacher(objective, train_ds, cfg.distill, teacher, device)
     trainer = _Trainer(model, train_ds, val_ds, cfg, objective, batch_size, seed, loader or LoaderOptions(),
                        run_dir, stage, resume, fingerprint or {}, device, progress, on_epoch_start)  # fmt: skip
     return trainer.run()
@@ -135,6 +142,7 @@ class _Trainer:
         self.fingerprint = dict(fingerprint, stage=stage)
         self.result = FitResult()
         self.seed = seed
+        self.parts = getattr(task, "train_fields", ())  # loss parts an objective reports (distillation)
 
         # data: the same global batches on every rank, in an order set by (seed, epoch) only
         self.sampler = GlobalBatchSampler(len(train_ds), batch_size, seed, self.info)
@@ -198,9 +206,9 @@ class _Trainer:
             self.last_good_path = Path(resume) if resume is not None else self.save("last")
 
     # ---- state ------------------------------------------------------------------------------------
-    @staticmethod
-    def fresh_stats() -> dict:
-        return {"loss_sum": 0.0, "n": 0, "norm_sum": 0.0, "norm_max": 0.0, "steps": 0, "skipped": 0}
+    def fresh_stats(self) -> dict:
+        parts = {f"{k}_sum": 0.0 for k in self.parts}
+        return {"loss_sum": 0.0, "n": 0, "norm_sum": 0.0, "norm_max": 0.0, "steps": 0, "skipped": 0, **parts}
 
     def snapshot(self) -> dict:
         return snapshot(self.model, self.optimizer, self.scheduler, epoch=self.c["epoch"], skip=self.c["skip"],
@@ -229,8 +237,9 @@ class _Trainer:
 
     def open_log(self, run_dir, resumed: bool) -> RunLogger:
         """The stage's logs; on resume, what the interrupted run logged after the checkpoint is dropped."""
+        fields = [*(f"train_{k}" for k in self.parts), *self.task.val_fields]
         log = RunLogger(run_dir, self.stage, self.cfg.logging, enabled=self.info.main, resume=resumed,
-                        val_fields=self.task.val_fields, purge_step=self.c["step"] + 1 if resumed else None)  # fmt: skip
+                        val_fields=fields, purge_step=self.c["step"] + 1 if resumed else None)  # fmt: skip
         if resumed:
             log.rewind(len(self.c["history"]), self.c["step"])
         return log
@@ -334,6 +343,8 @@ class _Trainer:
                 self.scaler.scale(loss / cfg.grad_accum).backward()
                 c["stats"]["loss_sum"] += float(loss.detach()) * n
                 c["stats"]["n"] += n
+                for k in self.parts:
+                    c["stats"][f"{k}_sum"] += float(self.task.parts[k]) * n
                 pending += 1
                 window_done = (b + 1) % cfg.grad_accum == 0 or b + 1 == self.batches
                 if not window_done:
@@ -432,6 +443,7 @@ class _Trainer:
         row = {"epoch": c["epoch"] + 1, "step": c["step"], "lr": self.lr(), "train_loss": s["loss_sum"] / max(s["n"], 1),
                "grad_norm_mean": s["norm_sum"] / max(s["steps"], 1), "grad_norm_max": s["norm_max"],
                "skipped_steps": s["skipped"]}  # fmt: skip
+        row.update({f"train_{k}": s[f"{k}_sum"] / max(s["n"], 1) for k in self.parts})
         improved = False
         if self.val_loader is not None:
             m = self.validate()

@@ -42,8 +42,10 @@ class SensitivityReport:
         return [s.name for s in sorted(self.layers, key=lambda s: -s.divergence[bits])]
 
     def to_dict(self) -> dict:
-        return {"candidates": self.candidates, "float_metric": self.float_metric,
-                "layers": [asdict(s) for s in self.layers]}  # fmt: skip
+        """JSON-ready (widths as string keys, as JSON keeps them)."""
+        layers = [{**asdict(s), "divergence": {str(b): v for b, v in s.divergence.items()},
+                   "metric_drop": {str(b): v for b, v in s.metric_drop.items()}} for s in self.layers]  # fmt: skip
+        return {"candidates": self.candidates, "float_metric": self.float_metric, "layers": layers}
 
 
 def quantized_rules(model: nn.Module, quant: QuantRecipe | dict | str) -> dict[str, Rule]:
