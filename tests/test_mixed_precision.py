@@ -112,10 +112,10 @@ def test_a_run_with_mixed_precision_uses_the_chosen_widths(tmp_path):
                         "ptq": {"calib_batches": 1}}]}, tmp_path / "again", progress=False)  # fmt: skip
     assert [r["weight"] for r in again.layers["mix"]["layers"]] == [r["weight"] for r in layers.values()]
     assert "## Mixed precision: mix" in (tmp_path / "out" / "report.md").read_text()
-    from qatkit.runner.export_run import export_run  # a later export rebuilds the model with the chosen widths
-
     from qatkit.recipe import parse_recipe
-    from qatkit.runner.export_run import variant_quant
+    from qatkit.runner.export_run import export_run, variant_quant
+
+    # a later export rebuilds the model with the chosen widths
 
     rebuilt = variant_quant(tmp_path / "out", parse_recipe(recipe).variants[0])
     assert {r.match[0]: r.weight.bits for r in rebuilt.rules} == chosen

@@ -29,10 +29,11 @@ from qatkit.recipe import Recipe, Variant
 from qatkit.runner.artifacts import Source, check_extras, check_parity, verify_artifacts, write_artifacts
 from qatkit.runner.criteria import CriteriaError, judge, missed
 from qatkit.runner.outdir import claim, inside, run_lock
+from qatkit.runner.qat_notes import explain_stages
 from qatkit.runner.rebuild import build_info, float_model, load_packed_model
 from qatkit.runner.report import Report, Row
 from qatkit.runner.sensitivity_run import choose_widths, sensitivity_lines, write_choice
-from qatkit.runner.stages import StageRunner, seed_everything
+from qatkit.runner.stages import StageRunner, seed_everything, stage_names
 from qatkit.tasks import TASKS, Task, predict
 from qatkit.train import make_loader
 from qatkit.train.distill import Teacher
@@ -215,6 +216,9 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
         console.print(f"QAT active: {status['fake_quant_on']} fake quantizers on {status['wrappers']} layers")
         stages.train(qat_model, v.qat, f"{v.name}_qat", recipe.seed + 1000 * (vi + 1), teacher)
         summarize(f"{v.name}_qat")
+        cfgs = v.qat if isinstance(v.qat, list) else [v.qat]
+        explain_stages(out, report, stage_names(f"{v.name}_qat", cfgs), cfgs, v.name, task,
+                       len(data.val) if data.val is not None else 0, ptq_model, qat_model)  # fmt: skip
         qckpt = save(f"{v.name}_qat.safetensors", qat_model, {"stage": f"{v.name}/qat"})
         record(qat_model, v.name, "qat", qckpt.stat().st_size, v)
 

@@ -8,6 +8,7 @@ known reasons the numbers point to, with the numbers.
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 from pathlib import Path
@@ -55,3 +56,26 @@ def why_no_gain(history: list[float], n_val: int, ptq_gap: float | None, moved: 
         reasons.append(f"weights moved {moved:.2f} quantization steps on average (median layer): the learning rate is "
                        "too small to change their rounding; raise lr or epochs")  # fmt: skip
     return reasons or ["none of the known reasons (small validation set, no PTQ gap, tiny LR) applies"]
+
+
+def explain_stages(out: Path, report, names: list[str], cfgs: list, variant: str, task, n_val: int,
+                   start: nn.Module, model: nn.Module) -> None:  # fmt: skip
+    """Add ``no_gain`` reasons to every QAT stage of ``names`` whose best epoch is 0 (report.training)."""
+    from qatkit.io.checkpoint import load_weights
+
+    fp32, ptq = report.find("fp32", "fp32", "pytorch"), report.find(variant, "ptq", "pytorch")
+    gap = 100 * task.primary_drop(fp32.metrics, ptq.metrics) if fp32 and ptq else None
+    for name, cfg in zip(names, cfgs, strict=True):
+        summary = report.training.get(name)
+        if summary is None or summary.get("best_epoch") != 0 or not cfg.validation:
+            continue
+        last = out / "checkpoints" / name / "last.safetensors"
+        moved = math.nan
+        if last.is_file():
+            end = copy.deepcopy(model)
+            state = {k[len("model/") :]: v for k, v in load_weights(last).items() if k.startswith("model/")}
+            end.load_state_dict(state)
+            moved = weight_moves(start, end)
+        monitor = cfg.monitor or task.default_monitor
+        history = stage_history(out, name, monitor)
+        summary["no_gain"] = why_no_gain(history, n_val, gap, moved, monitor in task.shares)

@@ -69,6 +69,8 @@ class Report:
                f"{', '.join(r.float_layers[:6])}{', ...' if len(r.float_layers) > 6 else ''}; this file is slower "
                "than an integer one" for r in self.rows if r.float_layers]  # fmt: skip
         out += [f"BatchNorm {name} not folded: {why}" for name, why in self.folding.get("left", {}).items()]
+        out += [f"{stage}: the best epoch was 0 (QAT did not improve on its start): {'; '.join(s['no_gain'])}"
+                for stage, s in self.training.items() if s.get("no_gain")]  # fmt: skip
         for v, layer in self.layers.items():
             out += [f"{v}: {note}" for note in layer.get("notes", [])]
         return out
