@@ -6,6 +6,8 @@ parameter, so it travels in ``state_dict`` and survives a resume.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -40,7 +42,7 @@ class FakeQuantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec = self.base_spec = spec
         self.is_weight = shape is not None
         n = num_scales(spec, shape)
         scale = torch.ones(n)
@@ -89,6 +91,14 @@ class FakeQuantizer(nn.Module):
         scale, zp = qparams_from_range(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
         self.scale.data.copy_(scale)
         self.zero_point.copy_(zp)
+
+    def set_bits(self, bits: int | None) -> bool:
+        """Quantize on a ``bits`` grid from now on (None: the width it was made with); True if it changed.
+        The caller re-initialises the scale for the new grid (transform/bits.py)."""
+        spec = self.base_spec if bits is None else replace(self.base_spec, bits=bits)
+        changed = spec != self.spec
+        self.spec = spec
+        return changed
 
     def reset_range(self) -> None:
         """Forget the running range (the next observed batch starts afresh)."""

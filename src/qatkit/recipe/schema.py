@@ -232,6 +232,12 @@ class Recipe(Strict):
                                      f"{', '.join(task.monitors)}")  # fmt: skip
                 if where == "fp32.train" and cfg.distill is not None:
                     raise ValueError(f"{at}.distill: the float stage has no teacher (distill is for QAT stages)")
+                if where == "fp32.train" and cfg.weight_bits is not None:
+                    raise ValueError(f"{at}.weight_bits: the float stage has no quantized weights")
+            last = cfgs[-1] if isinstance(cfgs, list) and cfgs else cfgs
+            if where != "fp32.train" and last is not None and last.weight_bits is not None:
+                raise ValueError(f"{where}: the last QAT stage trains at the rules' own width; set the final width in "
+                                 "quant and weight_bits on the earlier stages only")  # fmt: skip
                 if not task.classes and (cfg.class_weights is not None or cfg.label_smoothing):
                     raise ValueError(f"{at}: class_weights and label_smoothing need classes (task {task.name!r})")
         return self

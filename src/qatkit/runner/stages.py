@@ -19,12 +19,12 @@ import torch
 from qatkit.base.config import RecipeError
 from qatkit.io.checkpoint import CheckpointError, atomic_write_bytes, load_weights, read_metadata, save_weights
 from qatkit.io.jsonfile import read_json_object
-from qatkit.runner.outdir import inside
 from qatkit.train.config import TrainConfig
 from qatkit.train.distill import Teacher
 from qatkit.train.distributed import barrier, current
 from qatkit.train.loop import LoaderOptions, fit
 from qatkit.train.state import read_counters
+from qatkit.transform.bits import set_weight_bits
 
 IGNORED_FOR_RESUME = ("name", "description", "export", "base_dir")
 """Recipe sections that do not change training state: editing them does not block a resume."""
@@ -162,8 +162,10 @@ class StageRunner:
         d, r = self.data, self.recipe
         opts = LoaderOptions(r.data.num_workers, r.data.persistent_workers, r.data.prefetch_factor, r.data.pin_memory)
         for i, (name, cfg) in enumerate(zip(stage_names(prefix, cfgs), cfgs, strict=True)):
+            set_weight_bits(model, cfg.weight_bits)  # progressive bit-lowering (a no-op where the width stays)
             if name in self.done:
-                model.load_state_dict(load_weights(inside(self.out, str(self.done[name]))))
+                # the stage's file in this folder (a copied or moved run folder resumes from its own files)
+                model.load_state_dict(load_weights(self.out / "stages" / f"{name}.safetensors"))
                 continue
             ckpt = self._resume_point(name)
             if ckpt is not None:
@@ -178,6 +180,6 @@ class StageRunner:
             final = self.out / "stages" / f"{name}.safetensors"
             if self.info.main:
                 save_weights(final, model.state_dict(), {"stage": name})
-            self.done[name] = str(final)
+            self.done[name] = f"stages/{name}.safetensors"
             self._write_progress()
             barrier()

@@ -93,6 +93,10 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     validation: bool = True
     quantize: bool = True
+    weight_bits: int | None = Field(None, ge=2, le=8)
+    """Progressive bit-lowering: this stage quantizes every quantized layer's weights at this width instead of
+    the rules' own (e.g. stages at 8 and 4 bits before a last stage at the rules' 2 bits); the scales are
+    re-initialised by MSE search at each change of width."""
     fake_quant_delay_steps: int = Field(0, ge=0, le=10**9)
     freeze_observers_after_steps: int | None = Field(None, ge=0, le=10**9)
     quant_lr: float | None = Field(None, gt=0)
