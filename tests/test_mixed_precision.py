@@ -112,6 +112,7 @@ def test_a_run_with_mixed_precision_uses_the_chosen_widths(tmp_path):
                         "ptq": {"calib_batches": 1}}]}, tmp_path / "again", progress=False)  # fmt: skip
     assert [r["weight"] for r in again.layers["mix"]["layers"]] == [r["weight"] for r in layers.values()]
     assert "## Mixed precision: mix" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "mix_sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from qatkit.recipe import parse_recipe
     from qatkit.runner.export_run import export_run, variant_quant
 

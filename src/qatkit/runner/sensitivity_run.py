@@ -58,6 +58,31 @@ def write_choice(out: Path, variant: str, quant: QuantRecipe, record: dict) -> P
     text = yaml.safe_dump({"quant": quant.model_dump(mode="json", exclude_defaults=True)}, sort_keys=False)
     atomic_write_bytes(path, text.encode())
     atomic_write_bytes(out / f"{variant}_sensitivity.json", json.dumps(record, indent=1).encode())
+    plot_sensitivity(record, out / f"{variant}_sensitivity.png")
+    return path
+
+
+def plot_sensitivity(record: dict, path: Path) -> Path:
+    """Divergence per layer (x, in model order) at each candidate width (one line each, log scale), the chosen
+    width of each layer marked: ``<variant>_sensitivity.png``."""
+    from matplotlib.figure import Figure
+
+    names = [s["name"] for s in record["layers"]]
+    fig = Figure(figsize=(max(6.0, 0.45 * len(names) + 2), 4.0))
+    ax = fig.add_subplot()
+    for b in record["candidates"]:
+        ax.plot(range(len(names)), [max(s["divergence"][str(b)], 1e-12) for s in record["layers"]], "o-",
+                label=f"{b}-bit")  # fmt: skip
+    chosen = record.get("chosen", {})
+    if chosen:
+        ys = [max(s["divergence"][str(chosen[s["name"]])], 1e-12) for s in record["layers"]]
+        ax.plot(range(len(names)), ys, "k*", markersize=12, label="chosen")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("divergence from float (layer alone quantized)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     return path
 
 
@@ -102,6 +127,7 @@ def sensitivity_of_run(run_dir: str | Path, variant: str | None, candidates: lis
         write_choice(run_dir, name, mixed_recipe(fp32, quant, bits), record)
     else:
         atomic_write_bytes(run_dir / f"{name}_sensitivity.json", json.dumps(record, indent=1).encode())
+        plot_sensitivity(record, run_dir / f"{name}_sensitivity.png")
     md = run_dir / f"{name}_sensitivity.md"
     atomic_write_bytes(md, ("\n".join([f"# Sensitivity: {name}", "", *sensitivity_lines(record)]) + "\n").encode())
     return md, record
