@@ -17,6 +17,23 @@ def _seeded():
     torch.manual_seed(1234)
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""Environment for runs compared bit for bit (resume tests). With two threads, a plain FP32 training step differed
+in the last bit between two processes now and then on a loaded machine (MKL's threading); the runs' own logic
+was exact with a kill after every checkpoint write. One thread removes that noise from the comparison."""
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """This test and the processes it starts compute on one thread (see ONE_THREAD)."""
+    for k, v in ONE_THREAD.items():
+        monkeypatch.setenv(k, v)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_transformer() -> TinyTransformer:
     torch.manual_seed(0)

@@ -185,6 +185,7 @@ def test_cached_and_live_teachers_train_identically(float_and_qat, digits, tmp_p
         assert {"train_task_loss", "train_distill_loss"} <= set(next(csv.DictReader(f)))
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("cache", [True, False], ids=["cached", "live"])
 def test_resume_mid_stage_gives_the_uninterrupted_losses(float_and_qat, digits, tmp_path, monkeypatch, cache):
     torch.manual_seed(1)

@@ -1,6 +1,7 @@
 """Two CPU processes under torchrun (gloo) follow the one-process run with the same global batch."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from conftest import ONE_THREAD
 
 RECIPE = {
     "name": "ddp",
@@ -30,7 +33,8 @@ def run(recipe, out, procs: int, *extra: str) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m"]
     cmd = [*(launcher if procs > 1 else [sys.executable, "-m"]), "qatkit", "run", str(recipe), "--out", str(out),
            "--no-progress", *extra]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, **ONE_THREAD)  # resumed and uninterrupted runs are compared bit for bit
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def rows(out):

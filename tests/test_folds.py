@@ -143,6 +143,7 @@ def final_tensors(out):
     }
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.slow
 def test_kill_mid_fold_then_resume_gives_the_uninterrupted_report(tmp_path):
     write_recipe(tmp_path)

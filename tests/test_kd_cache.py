@@ -152,6 +152,7 @@ def test_log_reports_size(lm, seqs, tmp_path):
     assert "MiB" in logs[0] and len(logs) == 1 + 2
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_resume_recomputes_only_missing_shards(lm, seqs, built, tmp_path):
     folder = _copy(built, tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -169,6 +170,7 @@ def test_resume_recomputes_only_missing_shards(lm, seqs, built, tmp_path):
     assert counter.calls == 0
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_interrupted_build_resumes_identically(lm, seqs, built, tmp_path):
     folder = tmp_path / "kd"
     per_shard = -(-SHARD // BATCH)

@@ -106,6 +106,7 @@ def test_lut_checkpoint_refuses_another_tokenizer_and_foreign_files(tiny_lm_dir,
     assert all(isinstance(m, LUTLinear) for m in lut_layers(fresh).values())
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_lm_train_resumed_from_a_step_checkpoint_equals_the_uninterrupted_run(tiny_lm_dir, kd_cache_dir, tmp_path):
     cfg = TrainConfig(epochs=100, max_steps=6, lr=3e-3, schedule="constant", weight_decay=0.0,
                       checkpoint={"every_steps": 2}, logging={"tensorboard": False, "step_csv": True})  # fmt: skip
