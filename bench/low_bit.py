@@ -22,7 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def rules(bits: int, **weight) -> dict:
+    """Every layer at ``bits``; at <= 3 bits the weights get the default learned (LSQ) scales from an MSE start."""
     return {"rules": [{"match": "*", "weight": {"bits": bits, **weight}, "activation": {}}]}
+
+
+def minmax(bits: int) -> dict:
+    """Fixed min-max scales (the default at 4 bits and more)."""
+    return rules(bits, learnable=False, observer="minmax")
 
 
 def recipe(epochs: int) -> dict:
@@ -30,7 +36,6 @@ def recipe(epochs: int) -> dict:
     third = max(1, epochs // 3)
     prog = [dict(qat, name="q8", epochs=third, weight_bits=8), dict(qat, name="q4", epochs=third, weight_bits=4),
             dict(qat, name="q2", epochs=epochs - 2 * third)]  # fmt: skip
-    lsq = rules(2, learnable=True, observer="mse")
     return {
         "name": "low_bit", "seed": 0, "data": {"name": "digits", "batch_size": 64},
         "model": {"name": "cnn2d", "args": {"channels": [16, 32]}},
@@ -38,9 +43,11 @@ def recipe(epochs: int) -> dict:
                            "logging": {"tensorboard": False}}},
         "variants": [
             {"name": "w4a8", "quant": rules(4), "qat": qat},
+            {"name": "w4a8-lsq", "quant": rules(4, learnable=True, observer="mse"), "qat": qat},
+            {"name": "w3a8-minmax", "quant": minmax(3), "qat": qat},
             {"name": "w3a8", "quant": rules(3), "qat": qat},
+            {"name": "w2a8-minmax", "quant": minmax(2), "qat": qat},
             {"name": "w2a8", "quant": rules(2), "qat": qat},
-            {"name": "w2a8-lsq", "quant": lsq, "qat": dict(qat, quant_lr=1e-3)},
             {"name": "w2a8-distill", "quant": rules(2), "qat": dict(qat, distill={"weight": 0.7, "temperature": 3})},
             {"name": "w2a8-progressive", "quant": rules(2), "qat": prog},
             {"name": "mixed-3bit", "quant": rules(2), "qat": qat,

@@ -218,3 +218,21 @@ def test_outputs_where_needed_edge_cases():
     report = prepare(weight_only_head, {"outputs": "where_needed", "rules": [
         {"match": "0", "activation": {}}, {"match": "1", "activation": None}]})  # fmt: skip
     assert {r.name: r.output for r in report.rows} == {"0": "uint8 tensor", "1": "uint8 tensor"}
+
+
+def test_low_bit_weights_default_to_learned_scales_from_an_mse_start():
+    from qatkit.transform.rules import WeightQuant
+
+    assert (WeightQuant().learnable, WeightQuant().observer) == (False, "minmax")  # 8 bits: min-max
+    three = WeightQuant.model_validate({"bits": 3})
+    assert (three.learnable, three.observer) == (True, "mse")
+    four = WeightQuant.model_validate({"bits": 4})
+    assert (four.learnable, four.observer) == (False, "minmax")  # measured no better at 4 bits
+    fixed = WeightQuant.model_validate({"bits": 2, "learnable": False})
+    assert (fixed.learnable, fixed.observer) == (False, "minmax")  # what the user said is kept
+    start = WeightQuant.model_validate({"bits": 3, "observer": "percentile"})
+    assert (start.learnable, start.observer) == (True, "percentile")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    prepare(model, {"rules": [{"weight": {"bits": 2}, "activation": {}}]})
+    assert isinstance(model[0].weight_quant.scale, torch.nn.Parameter)  # trained, at quant_lr
+    assert not isinstance(model[0].input_quant.scale, torch.nn.Parameter)  # activations keep their calibration

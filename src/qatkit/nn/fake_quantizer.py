@@ -36,7 +36,9 @@ class FakeQuantizer(nn.Module):
     """Observes a tensor's range and fake-quantizes it according to a :class:`QuantSpec`.
 
     ``observer_on`` and ``fake_quant_on`` are buffers, not Python flags, so a resumed run continues in the
-    same phase. A learnable (LSQ) scale is initialised by the observer on the first observed batch.
+    same phase. A learnable (LSQ) scale is initialised by the observer on the first observed batch; an
+    asymmetric learnable quantizer also learns its offset (LSQ+, Bhalgat et al. 2020) as the float parameter
+    ``offset``, whose rounded value is the integer ``zero_point`` the exporters read.
     Given a ``shape`` it quantizes a weight: each observation replaces the range instead of merging into it.
     """
 
@@ -51,6 +53,9 @@ class FakeQuantizer(nn.Module):
         else:
             self.register_buffer("scale", scale)
         self.register_buffer("zero_point", torch.zeros(n, dtype=torch.int32))
+        if self.learns_offset:
+            self.offset = nn.Parameter(torch.zeros(n))
+            self.register_state_dict_pre_hook(_sync_before_state_dict)
         self.register_buffer("min_val", torch.zeros(n))
         self.register_buffer("max_val", torch.zeros(n))
         self.register_buffer("observed_batches", torch.zeros((), dtype=torch.int64))
@@ -66,6 +71,17 @@ class FakeQuantizer(nn.Module):
         return self.spec.group_size if self.spec.granularity == "group" else 0
 
     @property
+    def learns_offset(self) -> bool:
+        """LSQ+: a learned scale on an asymmetric grid learns its zero point too."""
+        return self.spec.learnable and not self.spec.symmetric
+
+    @torch.no_grad()
+    def sync_zero_point(self) -> None:
+        """The integer zero point the learned offset stands for (rounded, on the grid), for export and state."""
+        if self.learns_offset:
+            self.zero_point.copy_(self.offset.round().clamp(self.spec.qmin, self.spec.qmax).to(torch.int32))
+
+    @property
     def tracks_every_step(self) -> bool:
         """Weight ranges re-observed every step: cheap min-max on fixed (non-learnable) scales only."""
         return self.spec.observer == "minmax" and not self.spec.learnable
@@ -77,8 +93,12 @@ class FakeQuantizer(nn.Module):
                 self.set_observer(False)
         if not bool(self.fake_quant_on):
             return x
-        fn = lsq_fake_quantize if self.spec.learnable else fake_quantize
-        return fn(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.ch_axis, self.group_size)
+        if not self.spec.learnable:
+            return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.ch_axis,
+                                 self.group_size)  # fmt: skip
+        zp = self.offset if self.learns_offset else self.zero_point
+        self.sync_zero_point()
+        return lsq_fake_quantize(x, self.scale, zp, self.spec.qmin, self.spec.qmax, self.ch_axis, self.group_size)
 
     @torch.no_grad()
     def update_range(self, x: torch.Tensor) -> None:
@@ -91,6 +111,8 @@ class FakeQuantizer(nn.Module):
         scale, zp = qparams_from_range(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
         self.scale.data.copy_(scale)
         self.zero_point.copy_(zp)
+        if self.learns_offset:
+            self.offset.data.copy_(zp.to(self.offset.dtype))
 
     def set_bits(self, bits: int | None) -> bool:
         """Quantize on a ``bits`` grid from now on (None: the width it was made with); True if it changed.
@@ -115,3 +137,8 @@ class FakeQuantizer(nn.Module):
         kind = "lsq" if s.learnable else s.observer
         sign = "int" if s.signed else "uint"
         return f"{sign}{s.bits}, {s.granularity}, {'sym' if s.symmetric else 'asym'}, {kind}"
+
+
+def _sync_before_state_dict(module: FakeQuantizer, prefix: str, keep_vars: bool) -> None:
+    """A saved zero point is always the one the learned offset stands for, even right after an optimiser step."""
+    module.sync_zero_point()
