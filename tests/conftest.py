@@ -19,7 +19,7 @@ def _seeded():
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 """Environment for runs compared bit for bit (resume tests). With two threads, a plain FP32 training step differed
-in the last bit between two processes now and then on a loaded machine (MKL's threading); the runs' own logic
+in the last bit between two processes now and then on a loaded machine (presumably MKL's threading); the runs' own logic
 was exact with a kill after every checkpoint write. One thread removes that noise from the comparison."""
 
 
