@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import qatkit
+from crash import Crash, record_steps
 from qatkit import calibrate, prepare
 from qatkit.base.config import RecipeError
 from qatkit.components.datasets import load_digits
@@ -20,7 +21,6 @@ from qatkit.train import TrainConfig, fit, make_loader
 from qatkit.train import distill as distill_mod
 from qatkit.train.config import DistillConfig
 from qatkit.train.distill import Indexed, Teacher, with_teacher
-from qatkit.train.logger import RunLogger
 
 
 # ---- the losses against hand-written references -------------------------------------------------------------
@@ -122,24 +122,6 @@ def test_the_cache_maps_shuffled_rows_and_auto_falls_back_to_live(monkeypatch):
 
 
 # ---- training: cached = live, resume, any task ---------------------------------------------------------------
-LOG_STEP = RunLogger.step
-
-
-class Crash(BaseException):
-    """Stands for kill -9 between two steps."""
-
-
-def record_steps(monkeypatch, crash_after: int | None = None) -> list[tuple[int, float]]:
-    seen = []
-
-    def step(self, n, scalars):
-        LOG_STEP(self, n, scalars)
-        seen.append((n, scalars["loss"]))
-        if len(seen) == crash_after:
-            raise Crash
-
-    monkeypatch.setattr(RunLogger, "step", step)
-    return seen
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from crash import Crash, record_steps
 from qatkit import calibrate, prepare
 from qatkit.components.datasets import load_digits
 from qatkit.components.models import MLP
 from qatkit.io.checkpoint import read_metadata
 from qatkit.runner.stages import newest_checkpoint
 from qatkit.train import TrainConfig, fit, make_loader
-from qatkit.train.logger import RunLogger
 from qatkit.train.state import read_counters
 
 RECIPE = {
@@ -140,7 +140,6 @@ def test_resume_refuses_a_different_recipe_but_takes_a_new_lr(reference, tmp_pat
 
 
 # ---- in-process crashes: the resumed run does exactly the steps after the checkpoint -------------------------
-LOG_STEP = RunLogger.step
 CASES = {  # name: (crash after this many steps, the step the newest checkpoint holds, settings, NaN at step)
     "before-the-first-step": (1, 0, {}, None),  # only the checkpoint written before the baseline validation
     "mid-epoch-observers-on": (23, 20, {}, None),
@@ -148,10 +147,6 @@ CASES = {  # name: (crash after this many steps, the step the newest checkpoint 
     "quant-phase-change": (23, 20, {"fake_quant_delay_steps": 20, "freeze_observers_after_steps": 21}, None),
     "rollback-after-resume": (21, 20, {"guards": {"nonfinite_skips": 1}}, 22),  # back to epoch 1's end, not 20
 }
-
-
-class Crash(BaseException):
-    """Stands for kill -9: the process stops between two writes, nothing is saved on the way out."""
 
 
 @pytest.fixture(scope="module")
@@ -168,20 +163,6 @@ def qat_base(digits):
     calibrate(model, make_loader(digits.train, 64, True), 2)
     assert all(bool(q.observer_on) for n, q in model.named_modules() if n.endswith("weight_quant"))
     return model
-
-
-def record_steps(monkeypatch, crash_after: int | None = None) -> list[tuple[int, float]]:
-    """(step, loss) of every optimiser step this process runs from now on; optionally crash after some."""
-    seen = []
-
-    def step(self, n, scalars):
-        LOG_STEP(self, n, scalars)
-        seen.append((n, scalars["loss"]))
-        if len(seen) == crash_after:
-            raise Crash
-
-    monkeypatch.setattr(RunLogger, "step", step)
-    return seen
 
 
 def nan_at(model, n: int) -> None:
