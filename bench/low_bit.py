@@ -1,24 +1,30 @@
 """Low-bit QAT on the digits CNN with every layer quantized (weights 2-4 bits, activations 8 bits): uniform widths,
-learned scales, distillation, progressive 8 -> 4 -> 2 and mixed precision at 3 bits per weight, all from one
-float model and at the same budget of 20 QAT epochs.
+learned scales, asymmetric grids, distillation, progressive 8 -> 4 -> 2 and mixed precision at 3 bits per
+weight, all from one float model per seed and at one budget of 20 QAT epochs.
 
-    python bench/low_bit.py [--epochs 20] [--json bench/results/low_bit.json]
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/low_bit.py [--seeds 0 1 2] [--json bench/results/low_bit.json]
 
-Every variant is one entry of a single recipe, so all start from the same float weights; numbers are test
-accuracy from the run's report (runs/low_bit/report.md).
+Every variant of a seed is one entry of a single recipe, so all start from the same float weights; numbers are
+test accuracy from the run's report (runs/low_bit/seed<N>/report.md). The "float, same fine-tune" row trains the
+float model itself with the low-bit budget (batch, LR, epochs, distillation): how much of a QAT result is further
+training of the float model rather than recovery from quantization.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 
 from rich.console import Console
 
 import qatkit
+from qatkit.runner.export_run import load_run
+from qatkit.train import TrainConfig, fit, make_loader, predict
 
 ROOT = Path(__file__).resolve().parents[1]
+KD = {"weight": 0.5, "temperature": 2.0}
 
 
 def rules(bits: int, **weight) -> dict:
@@ -31,52 +37,86 @@ def minmax(bits: int) -> dict:
     return rules(bits, learnable=False, observer="minmax")
 
 
-def recipe(epochs: int) -> dict:
-    qat = {"epochs": epochs, "lr": 1e-3, "schedule": "cosine", "logging": {"tensorboard": False}}
+def low_bit_qat(epochs: int, **kw) -> dict:
+    """The low-bit fine-tune: batch 16, lr 3e-3 cosine, distillation from the float model (weight 0.5, T 2)."""
+    return {"epochs": epochs, "lr": 3e-3, "schedule": "cosine", "batch_size": 16, "distill": KD,
+            "logging": {"tensorboard": False}, **kw}  # fmt: skip
+
+
+def recipe(epochs: int, seed: int) -> dict:
+    qat = low_bit_qat(epochs)
+    plain = {"epochs": epochs, "lr": 1e-3, "schedule": "cosine", "logging": {"tensorboard": False}}
     third = max(1, epochs // 3)
+    mixed = {"budget_bits": 3.0, "candidates": [2, 3, 4, 8], "eval_rows": 512}
     prog = [dict(qat, name="q8", epochs=third, weight_bits=8), dict(qat, name="q4", epochs=third, weight_bits=4),
             dict(qat, name="q2", epochs=epochs - 2 * third)]  # fmt: skip
     return {
-        "name": "low_bit", "seed": 0, "data": {"name": "digits", "batch_size": 64},
+        "name": "low_bit", "seed": seed, "data": {"name": "digits", "batch_size": 64},
         "model": {"name": "cnn2d", "args": {"channels": [16, 32]}},
         "fp32": {"train": {"epochs": 30, "lr": 2e-3, "schedule": "cosine", "weight_decay": 1e-4,
                            "logging": {"tensorboard": False}}},
         "variants": [
             {"name": "w4a8", "quant": rules(4), "qat": qat},
-            {"name": "w4a8-lsq", "quant": rules(4, learnable=True, observer="mse"), "qat": qat},
-            {"name": "w3a8-minmax", "quant": minmax(3), "qat": qat},
             {"name": "w3a8", "quant": rules(3), "qat": qat},
-            {"name": "w2a8-minmax", "quant": minmax(2), "qat": qat},
+            {"name": "w3a8-minmax", "quant": minmax(3), "qat": qat},
             {"name": "w2a8", "quant": rules(2), "qat": qat},
-            {"name": "w2a8-distill", "quant": rules(2), "qat": dict(qat, distill={"weight": 0.7, "temperature": 3})},
+            {"name": "w2a8-asym", "quant": rules(2, symmetric=False), "qat": qat},
+            {"name": "w2a8-minmax", "quant": minmax(2), "qat": qat},
+            {"name": "w2a8-plain", "quant": rules(2), "qat": plain},
             {"name": "w2a8-progressive", "quant": rules(2), "qat": prog},
-            {"name": "mixed-3bit", "quant": rules(2), "qat": qat,
-             "mixed_precision": {"budget_bits": 3.0, "candidates": [2, 3, 4, 8], "eval_rows": 512}},
+            {"name": "mixed-3bit", "quant": rules(2), "qat": qat, "mixed_precision": mixed},
+            # the plain fine-tune, where the widths still matter (the low-bit one brings 3 bits and more to the
+            # float model's level, so the comparisons of widths drown in the seeds' spread there)
+            {"name": "w4a8-plain", "quant": rules(4), "qat": plain},
+            {"name": "w3a8-plain", "quant": rules(3), "qat": plain},
+            {"name": "mixed-3bit-plain", "quant": rules(2), "qat": plain, "mixed_precision": mixed},
         ],
         "export": {"formats": []},
     }  # fmt: skip
 
 
+def float_fine_tune(run_dir: Path, epochs: int) -> float:
+    """Test accuracy of the run's float model after the low-bit fine-tune itself, without quantization."""
+    _, data, task, model = load_run(run_dir)
+    teacher = copy.deepcopy(model).eval()
+    cfg = TrainConfig.model_validate({k: v for k, v in low_bit_qat(epochs).items() if k != "batch_size"})
+    fit(model, data.train, data.val, cfg, task=task, batch_size=16, seed=0, teacher=teacher, progress=False)
+    return task.metrics(*predict(model, make_loader(data.test, 256, False)))["accuracy"]
+
+
+def run_seed(seed: int, epochs: int, out: Path) -> dict:
+    report = qatkit.run(recipe(epochs, seed), out, console=Console(quiet=True), progress=False, overwrite=True)
+    rows = {"fp32": {"qat": report.find("fp32", "fp32", "pytorch").metrics["accuracy"]},
+            "fp32-fine-tuned": {"qat": float_fine_tune(out, epochs)}}  # fmt: skip
+    for v in report.layers:
+        ptq, qat = report.find(v, "ptq", "pytorch"), report.find(v, "qat", "pytorch")
+        rows[v] = {"ptq": ptq.metrics["accuracy"], "qat": qat.metrics["accuracy"]}
+        if v in report.sensitivity:
+            rows[v] |= {
+                "average_bits": report.sensitivity[v]["average_bits"],
+                "chosen": report.sensitivity[v]["chosen"],
+            }
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "low_bit")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    report = qatkit.run(recipe(args.epochs), args.out, console=Console(quiet=True), progress=False, overwrite=True)
-    fp32 = report.find("fp32", "fp32", "pytorch").metrics["accuracy"]
-    rows = {"fp32": {"accuracy": fp32}}
-    print(f"digits CNN, every layer quantized, {args.epochs} QAT epochs; test accuracy %  (FP32 {100 * fp32:.2f})")
-    for v in report.layers:
-        ptq, qat = report.find(v, "ptq", "pytorch"), report.find(v, "qat", "pytorch")
-        bits = report.sensitivity.get(v, {}).get("average_bits")
-        rows[v] = {"ptq": ptq.metrics["accuracy"], "qat": qat.metrics["accuracy"], "average_bits": bits}
-        extra = f"  ({bits:.2f} bits per weight: {report.sensitivity[v]['chosen']})" if bits else ""
-        print(f"  {v:<18} PTQ {100 * ptq.metrics['accuracy']:6.2f}  QAT {100 * qat.metrics['accuracy']:6.2f}  "
-              f"QAT - FP32 {100 * (qat.metrics['accuracy'] - fp32):+6.2f}{extra}")  # fmt: skip
+    seeds = {s: run_seed(s, args.epochs, args.out / f"seed{s}") for s in args.seeds}
+    print(f"digits CNN, every layer quantized, {args.epochs} QAT epochs; test accuracy % minus each seed's FP32")
+    print(f"  {'seed':<18}" + "".join(f"{s:>9}" for s in args.seeds) + "     mean")
+    for v in seeds[args.seeds[0]]:
+        gaps = [100 * (seeds[s][v]["qat"] - seeds[s]["fp32"]["qat"]) for s in args.seeds]
+        if v == "fp32":
+            gaps = [100 * seeds[s]["fp32"]["qat"] for s in args.seeds]
+        print(f"  {v:<18}" + "".join(f"{g:+9.2f}" for g in gaps) + f"{sum(gaps) / len(gaps):+9.2f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"epochs": args.epochs, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"epochs": args.epochs, "seeds": seeds}, indent=1))
 
 
 if __name__ == "__main__":

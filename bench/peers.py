@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -517,6 +517,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write all results to this JSON file")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--cases", nargs="*", choices=[c.key for c in CASES], help="only these data sets")
+    p.add_argument("--qat-epochs", type=int, help="every QAT tool's epochs (default 5; 1 with --quick)")
+    p.add_argument("--qat-lr", type=float, help="every QAT tool's constant learning rate (default 1e-4)")
     return p.parse_args(argv)
 
 
@@ -524,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every case in this process, print the table and the bar's verdicts, optionally write JSON."""
     args = parse_args(argv)
     s = QUICK if args.quick else FULL
+    s = replace(s, qat_epochs=args.qat_epochs or s.qat_epochs, qat_lr=args.qat_lr or s.qat_lr)
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 200)
     env = environment(args.threads)

@@ -1,7 +1,9 @@
 """Progressive bit-lowering: stages at wider weight grids before the rules' own, scales re-initialised by MSE
-search at each change, exact across a resume that reloads finished stages."""
+search at each change, exact across a resume that reloads finished stages; a stage's own batch size."""
 
+import csv
 import json
+import math
 import shutil
 
 import pytest
@@ -11,6 +13,7 @@ from safetensors.torch import load_file
 import qatkit
 from qatkit.quant.affine import fake_quantize, qparams_from_range
 from qatkit.recipe import RecipeError, parse_recipe
+from qatkit.runner.export_run import load_run
 from qatkit.transform.bits import set_weight_bits
 
 
@@ -39,7 +42,7 @@ RECIPE = {
     "variants": [{"name": "w2", "quant": {"rules": [{"match": "*", "weight": {"bits": 2}}]},
                   "ptq": {"calib_batches": 2},
                   "qat": [{"name": "q8", "epochs": 1, "lr": 0.001, "weight_bits": 8},
-                          {"name": "q4", "epochs": 1, "lr": 0.001, "weight_bits": 4},
+                          {"name": "q4", "epochs": 1, "lr": 0.001, "weight_bits": 4, "batch_size": 32},
                           {"name": "q2", "epochs": 1, "lr": 0.001}]}],
     "export": {"formats": ["onnx"], "latency_batches": [1], "latency_seconds": 0.02},
 }  # fmt: skip
@@ -53,6 +56,10 @@ def test_progressive_stages_end_on_the_rules_width_and_resume_exactly(tmp_path):
     ] * 2  # learned scales: the default at <= 4 bits
     assert {"w2_qat-q8", "w2_qat-q4", "w2_qat-q2"} <= set(report.training)
     assert report.find("w2", "qat", "onnxruntime").parity == "ok"  # the file is built at the final 2 bits
+    # a stage's own batch size replaces data.batch_size (64) for that stage only
+    n = len(load_run(tmp_path / "a")[1].train)
+    steps = {s: _steps_after_epoch_1(tmp_path / "a" / f"w2_qat-{s}_train.csv") for s in ("q8", "q4", "q2")}
+    assert steps == {"q8": math.ceil(n / 64), "q4": math.ceil(n / 32), "q2": math.ceil(n / 64)}
     # a resume that reloads the finished 8- and 4-bit stages and reruns the 2-bit one gives the same tensors
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     progress = json.loads((tmp_path / "b" / "progress.json").read_text())
@@ -62,6 +69,11 @@ def test_progressive_stages_end_on_the_rules_width_and_resume_exactly(tmp_path):
     qatkit.run(RECIPE, tmp_path / "b", progress=False, resume="auto")
     a, b = load_file(tmp_path / "a" / "w2_qat.safetensors"), load_file(tmp_path / "b" / "w2_qat.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _steps_after_epoch_1(csv_path) -> int:
+    rows = list(csv.DictReader(csv_path.open()))
+    return int(next(r for r in rows if r["epoch"] == "1")["step"])
 
 
 def test_weight_bits_only_on_earlier_qat_stages():

@@ -171,7 +171,8 @@ class StageRunner:
             if ckpt is not None:
                 self._check_same_recipe(ckpt)
             seed_everything(base_seed + i)
-            res = fit(model, d.train, d.val, cfg, num_classes=d.num_classes, task=self.task, batch_size=r.data.batch_size,
+            bs = cfg.batch_size or r.data.batch_size
+            res = fit(model, d.train, d.val, cfg, num_classes=d.num_classes, task=self.task, batch_size=bs,
                       seed=base_seed + i, loader=opts, run_dir=self.out, stage=name, resume=ckpt,
                       fingerprint=self.fingerprint, device=self.device, progress=self.progress,
                       teacher=teacher if cfg.distill else None)  # fmt: skip

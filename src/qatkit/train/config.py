@@ -84,6 +84,9 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0)
     grad_clip_value: float | None = Field(None, gt=0)
     grad_accum: int = Field(1, ge=1, le=4096)
+    batch_size: int | None = Field(None, ge=1, le=65536)
+    """This stage's batch size instead of ``data.batch_size`` (e.g. smaller batches, so more steps, for a
+    low-bit QAT fine-tune of a float model trained with large ones)."""
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["balanced"] | ClassWeights | None = None
     monitor: str | None = None
