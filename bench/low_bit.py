@@ -2,7 +2,7 @@
 learned scales, asymmetric grids, distillation, progressive 8 -> 4 -> 2 and mixed precision at 3 bits per
 weight, all from one float model per seed and at one budget of 20 QAT epochs.
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/low_bit.py [--seeds 0 1 2] [--json bench/results/low_bit.json]
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python bench/low_bit.py [--seeds 0 1 2 3 4] [--json bench/results/low_bit.json]
 
 Every variant of a seed is one entry of a single recipe, so all start from the same float weights; numbers are
 test accuracy from the run's report (runs/low_bit/seed<N>/report.md). The "float, same fine-tune" row trains the
@@ -102,7 +102,7 @@ def run_seed(seed: int, epochs: int, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "low_bit")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

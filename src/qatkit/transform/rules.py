@@ -45,8 +45,8 @@ class TensorQuant(Strict):
 
 LOW_BITS = 3
 """Weights of at most this width default to learned (LSQ) scales initialised by an MSE search. Measured on the
-digits CNN with every layer quantized (bench/low_bit.py, three runs), over min-max scales: +0.8 to +4.0 points at
-3 bits, +7.7 to +12.6 at 2 bits, but 0.8 and 1.5 points worse in two of three runs at 4 bits (which keeps min-max)."""
+digits CNN with every layer quantized (bench/low_bit.py, means of five seeds), over min-max scales: +1.1 points at
+3 bits, +5.3 at 2 bits; at 4 bits 0.8 and 1.5 points worse in two of three earlier runs (4 bits keeps min-max)."""
 
 
 class WeightQuant(TensorQuant):
