@@ -86,7 +86,7 @@ def test_the_fragile_layer_ranks_first_and_gets_the_most_bits():
         assert getattr(prepared, name).weight_quant.spec.granularity == "tensor"  # the rule's other settings kept
 
 
-def test_a_run_with_mixed_precision_uses_the_chosen_widths(tmp_path):
+def test_a_run_with_mixed_precision_uses_the_chosen_widths(tmp_path, monkeypatch):
     import yaml
 
     import qatkit
@@ -114,7 +114,8 @@ def test_a_run_with_mixed_precision_uses_the_chosen_widths(tmp_path):
     assert "## Mixed precision: mix" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "mix_sensitivity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from qatkit.recipe import parse_recipe
-    from qatkit.runner.export_run import export_run, variant_quant
+    from qatkit.runner.export_run import export_run
+    from qatkit.runner.sensitivity_run import variant_quant
 
     # a later export rebuilds the model with the chosen widths
 
@@ -122,4 +123,14 @@ def test_a_run_with_mixed_precision_uses_the_chosen_widths(tmp_path):
     assert {r.match[0]: r.weight.bits for r in rebuilt.rules} == chosen
     exported, _ = export_run(tmp_path / "out", ["onnx"])
     assert exported.find("mix", "ptq", "onnxruntime").parity == "ok"
+    # a resumed run keeps the widths it chose instead of measuring sensitivity again
+    import qatkit.runner.pipeline as pipeline
+
+    def measure_again(*args, **kwargs):
+        raise AssertionError("sensitivity measured again on resume")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "choose_widths", measure_again)
+        resumed = qatkit.run(recipe, tmp_path / "out", progress=False, resume="auto")
+    assert resumed.sensitivity["mix"]["chosen"] == chosen
     qatkit.run(recipe, tmp_path / "out", progress=False)  # the folder holds only qatkit's files: a rerun may go there

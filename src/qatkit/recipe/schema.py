@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from qatkit.base.config import FilePath, Name, Strict, one_of
 from qatkit.export.config import ExportConfig
 from qatkit.recipe.checks import Criteria, CVConfig, MixedPrecision
-from qatkit.train.config import Stages, TrainConfig
+from qatkit.train.config import Stages, TrainConfig, as_stages
 from qatkit.transform.rules import QuantRecipe
 
 
@@ -225,7 +225,7 @@ class Recipe(Strict):
             (f"variants[{i}].qat", v.qat) for i, v in enumerate(self.variants)
         ]
         for where, cfgs in stages:
-            for j, cfg in enumerate(cfgs if isinstance(cfgs, list) else [cfgs] if cfgs else []):
+            for j, cfg in enumerate(as_stages(cfgs)):
                 at = f"{where}[{j}]" if isinstance(cfgs, list) else where
                 if cfg.monitor is not None and cfg.monitor not in task.monitors:
                     raise ValueError(f"{at}.monitor: {cfg.monitor!r} is not a metric of task {task.name!r}; allowed: "

@@ -24,10 +24,10 @@ from qatkit.runner.outdir import run_lock
 from qatkit.runner.pipeline import make_task
 from qatkit.runner.rebuild import build_info, float_model, load_packed_model
 from qatkit.runner.report import Report
+from qatkit.runner.sensitivity_run import variant_quant
 from qatkit.tasks import predict
 from qatkit.train import make_loader
 from qatkit.transform.prepare import prepare
-from qatkit.transform.rules import parse_quant
 
 
 def _load(model: torch.nn.Module, path: Path, stage: str) -> torch.nn.Module:
@@ -35,19 +35,6 @@ def _load(model: torch.nn.Module, path: Path, stage: str) -> torch.nn.Module:
     check_state_fits(path, model.state_dict(), state)
     model.load_state_dict(state)
     return model.eval()
-
-
-def variant_quant(run_dir: Path, v):
-    """The rules a variant was run with: with mixed_precision, the widths the run chose (written beside it)."""
-    if v.mixed_precision is None:
-        return v.quant
-    from qatkit.recipe.load import read_yaml
-
-    path = run_dir / f"{v.name}_mixed_precision.yaml"
-    saved = read_yaml(path, "a mixed-precision choice")
-    if not isinstance(saved, dict) or "quant" not in saved:
-        raise CheckpointError(f"{path}: expected a mapping with the key quant")
-    return parse_quant(saved["quant"])
 
 
 def run_sources(run_dir: Path, recipe, data, task, console: Console | None = None) -> list[Source]:

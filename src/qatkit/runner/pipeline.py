@@ -32,10 +32,11 @@ from qatkit.runner.outdir import claim, inside, run_lock
 from qatkit.runner.qat_notes import explain_stages
 from qatkit.runner.rebuild import build_info, float_model, load_packed_model
 from qatkit.runner.report import Report, Row
-from qatkit.runner.sensitivity_run import choose_widths, sensitivity_lines, write_choice
+from qatkit.runner.sensitivity_run import choose_widths, saved_choice, sensitivity_lines, write_choice
 from qatkit.runner.stages import StageRunner, seed_everything, stage_names
 from qatkit.tasks import TASKS, Task, predict
 from qatkit.train import make_loader
+from qatkit.train.config import as_stages
 from qatkit.train.distill import Teacher
 from qatkit.train.distributed import barrier, current, init_from_env
 from qatkit.transform.calibrate import calibrate
@@ -180,17 +181,19 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
     record(fp32, "fp32", "fp32", ckpt.stat().st_size)
 
     # ---- each quantized variant: PTQ, then QAT warm-started from the float checkpoint -----------
-    distills = any(c.distill for v in recipe.variants for c in (v.qat if isinstance(v.qat, list) else [v.qat]) if c)
+    distills = any(c.distill for v in recipe.variants for c in as_stages(v.qat))
     teacher = Teacher(fp32) if distills else None  # a frozen copy of the float model for QAT stages with distill
     for vi, v in enumerate(recipe.variants):
         console.rule(f"[bold]{v.name}[/]: PTQ and QAT")
         if v.mixed_precision is not None:  # widths per layer from measured sensitivity, under the bit budget
-            quant, chosen = choose_widths(fp32, v.quant, v.mixed_precision, data, task, recipe.seed)
+            saved = saved_choice(out, v) if resume is not None else None
+            quant, chosen = saved or choose_widths(fp32, v.quant, v.mixed_precision, data, task, recipe.seed)
             v = v.model_copy(update={"quant": quant})
             report.sensitivity[v.name] = chosen
-            path = write_choice(out, v.name, quant, chosen) if info.main else None
+            path = write_choice(out, v.name, quant, chosen) if info.main and saved is None else None
             console.print("\n".join(sensitivity_lines(chosen)), highlight=False)
-            console.print(f"mixed precision: {chosen['average_bits']:.2f} bits per weight; recipe {path}")
+            how = f"recipe {path}" if saved is None else "as chosen before the resume"
+            console.print(f"mixed precision: {chosen['average_bits']:.2f} bits per weight; {how}")
         ptq_model = copy.deepcopy(fp32)
         layers = _prepare_variant(ptq_model, v)
         console.print(layers.rich_table())
@@ -216,7 +219,7 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
         console.print(f"QAT active: {status['fake_quant_on']} fake quantizers on {status['wrappers']} layers")
         stages.train(qat_model, v.qat, f"{v.name}_qat", recipe.seed + 1000 * (vi + 1), teacher)
         summarize(f"{v.name}_qat")
-        cfgs = v.qat if isinstance(v.qat, list) else [v.qat]
+        cfgs = as_stages(v.qat)
         explain_stages(out, report, stage_names(f"{v.name}_qat", cfgs), cfgs, v.name, task,
                        len(data.val) if data.val is not None else 0, ptq_model, qat_model)  # fmt: skip
         qckpt = save(f"{v.name}_qat.safetensors", qat_model, {"stage": f"{v.name}/qat"})

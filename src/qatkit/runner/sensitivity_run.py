@@ -12,12 +12,14 @@ from torch import nn
 from torch.utils.data import Subset
 
 from qatkit.components.splits import DataSplits
-from qatkit.io.checkpoint import atomic_write_bytes
-from qatkit.recipe import MixedPrecision
+from qatkit.io.checkpoint import CheckpointError, atomic_write_bytes
+from qatkit.io.jsonfile import read_json_object
+from qatkit.recipe import MixedPrecision, Variant
+from qatkit.recipe.load import read_yaml
 from qatkit.tasks import Task, predict
 from qatkit.train import make_loader
 from qatkit.transform.mixed_precision import average_bits, choose_bits, mixed_recipe
-from qatkit.transform.rules import QuantRecipe
+from qatkit.transform.rules import QuantRecipe, parse_quant
 from qatkit.transform.sensitivity import SensitivityReport, measure
 
 
@@ -50,6 +52,31 @@ def choose_widths(
     bits = choose_bits(rep, cfg.budget_bits)
     record = {**rep.to_dict(), "budget_bits": cfg.budget_bits, "chosen": bits, "average_bits": average_bits(rep, bits)}
     return mixed_recipe(fp32, quant, bits), record
+
+
+def variant_quant(run_dir: Path, v: Variant) -> QuantRecipe:
+    """The rules a variant was run with: with mixed_precision, the widths the run chose (written beside it)."""
+    if v.mixed_precision is None:
+        return v.quant
+    path = run_dir / f"{v.name}_mixed_precision.yaml"
+    saved = read_yaml(path, "a mixed-precision choice")
+    if not isinstance(saved, dict) or "quant" not in saved:
+        raise CheckpointError(f"{path}: expected a mapping with the key quant")
+    return parse_quant(saved["quant"])
+
+
+def saved_choice(run_dir: Path, v: Variant) -> tuple[QuantRecipe, dict] | None:
+    """The widths an interrupted run already chose for ``v`` and their record, or None where it chose none: a
+    resumed run keeps them instead of measuring sensitivity again."""
+    record_path = run_dir / f"{v.name}_sensitivity.json"
+    if not (record_path.is_file() and (run_dir / f"{v.name}_mixed_precision.yaml").is_file()):
+        return None
+    record = read_json_object(record_path, CheckpointError, "a sensitivity record")
+    cfg = v.mixed_precision
+    same = record.get("budget_bits") == cfg.budget_bits and record.get("candidates") == sorted(set(cfg.candidates))
+    if not isinstance(record.get("chosen"), dict) or not same:
+        return None  # measured without a budget (qatkit sensitivity) or under other settings: measure again
+    return variant_quant(run_dir, v), record
 
 
 def write_choice(out: Path, variant: str, quant: QuantRecipe, record: dict) -> Path:

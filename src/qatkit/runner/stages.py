@@ -19,7 +19,7 @@ import torch
 from qatkit.base.config import RecipeError
 from qatkit.io.checkpoint import CheckpointError, atomic_write_bytes, load_weights, read_metadata, save_weights
 from qatkit.io.jsonfile import read_json_object
-from qatkit.train.config import TrainConfig
+from qatkit.train.config import TrainConfig, as_stages
 from qatkit.train.distill import Teacher
 from qatkit.train.distributed import barrier, current
 from qatkit.train.loop import LoaderOptions, fit
@@ -81,9 +81,8 @@ def differences(a, b, where: str = "") -> list[str]:
 
 def refuse_distill(cfgs: TrainConfig | list[TrainConfig], where: str) -> None:
     """RecipeError naming each stage of ``cfgs`` that asks for distillation (it has no teacher)."""
-    listed = cfgs if isinstance(cfgs, list) else [cfgs]
     bad = [f"{where}[{j}].distill" if isinstance(cfgs, list) else f"{where}.distill"
-           for j, c in enumerate(listed) if c.distill is not None]  # fmt: skip
+           for j, c in enumerate(as_stages(cfgs)) if c.distill is not None]  # fmt: skip
     if bad:
         raise RecipeError(f"{', '.join(bad)}: the float stage has no teacher to distil from (distill applies to QAT "
                           "stages, whose teacher is the float model); remove it")  # fmt: skip
@@ -158,7 +157,7 @@ class StageRunner:
         stages with ``distill`` learn from ``teacher`` (the float model)."""
         if teacher is None:
             refuse_distill(cfgs, "fp32.train" if prefix == "fp32" else prefix)
-        cfgs = cfgs if isinstance(cfgs, list) else [cfgs]
+        cfgs = as_stages(cfgs)
         d, r = self.data, self.recipe
         opts = LoaderOptions(r.data.num_workers, r.data.persistent_workers, r.data.prefetch_factor, r.data.pin_memory)
         for i, (name, cfg) in enumerate(zip(stage_names(prefix, cfgs), cfgs, strict=True)):

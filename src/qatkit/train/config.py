@@ -135,3 +135,8 @@ Stages = Annotated[
     Discriminator(lambda v: "stages" if isinstance(v, list) else "one-stage"),
 ]
 """One training stage, or a list of stages run one after another."""
+
+
+def as_stages(cfgs: TrainConfig | list[TrainConfig] | None) -> list[TrainConfig]:
+    """A :data:`Stages` value as a list (one stage: a list of one; None: no stages)."""
+    return list(cfgs) if isinstance(cfgs, list) else [cfgs] if cfgs is not None else []
