@@ -76,6 +76,15 @@ def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
     r = qatkit("export", str(out), "--format", "zip")
     assert r.returncode == 2 and "unknown export format 'zip'" in r.stderr and "Traceback" not in r.stderr
 
+    # diagnose the QAT model's ONNX file layer by layer: a table, its numbers and a plot under diagnose/
+    r = qatkit("diagnose", str(out), "--variant", "w4a8")
+    assert r.returncode == 0, r.stderr
+    layers = json.loads((out / "diagnose" / "w4a8_qat_onnx.json").read_text())["layers"]
+    assert [d["name"] for d in layers] == ["net.1", "net.3"] and "# Diagnose: w4a8_qat.onnx" in r.stdout
+    assert (out / "diagnose" / "w4a8_qat_onnx.png").read_bytes()[:4] == b"\x89PNG"
+    r = qatkit("diagnose", str(out), "--format", "tflite")
+    assert r.returncode == 2 and "LiteRT is not supported yet" in r.stderr and "Traceback" not in r.stderr
+
 
 def test_parity_failure_exits_nonzero_unless_allowed(tmp_path):
     # int8 inputs/outputs need quantized logits; `outputs: rules` leaves them float, so that export fails

@@ -1,4 +1,5 @@
-"""Command line: ``qatkit run [RECIPE]``, ``qatkit export RUN_DIR``, ``qatkit layers RECIPE``, ``qatkit recipes``
+"""Command line: ``qatkit run [RECIPE]``, ``qatkit export RUN_DIR``, ``qatkit diagnose RUN_DIR``, ``qatkit layers
+RECIPE``, ``qatkit recipes``
 (LM commands: cli_lm.py).
 
 Errors print one readable line and exit with status 2; ``--debug`` shows the traceback instead.
@@ -162,6 +163,23 @@ def sensitivity(
         raise RecipeError(f"qatkit sensitivity: {format_validation_error(e, MixedPrecision)}") from None
     md, _ = sensitivity_of_run(run_dir, variant, cands, budget, rows)
     console.print(md.read_text(), highlight=False)
+
+
+@app.command()
+def diagnose(
+    run_dir: Path = typer.Argument(..., help="A finished run folder with exported files."),
+    variant: Optional[str] = typer.Option(None, "--variant", "-v", help="Whose file (default: the first variant)."),
+    stage: str = typer.Option("qat", "--stage", help="ptq or qat."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="The file's format (onnx)."),
+    rows: int = typer.Option(512, "--rows", min=1, max=1 << 20, help="Test rows to compare on."),
+) -> None:
+    """Where an exported file departs from its PyTorch model: each quantized layer's output difference in
+    output quantization steps, the first layer more than one step apart, and the cause where it can be named."""
+    from qatkit.runner.diagnose_run import diagnose_run
+
+    md, _ = diagnose_run(run_dir, variant, stage, fmt, rows)
+    console.print(md.read_text(), highlight=False)
+    console.print(f"written: {md} (and .json, .png)")
 
 
 @app.command()

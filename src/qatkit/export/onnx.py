@@ -15,6 +15,7 @@ from torch import nn
 
 from qatkit.base.batch import InputSpec, Positional, adapt, repeat_rows, rows
 from qatkit.export import verify
+from qatkit.export.diagnose import layer_output_map, record_layer_outputs
 from qatkit.export.formats import Exporter, opened, quantized_layers
 from qatkit.export.gemm_rewrite import rewrite_unfused_gemms
 from qatkit.export.qdq import to_qdq
@@ -60,12 +61,15 @@ def export_onnx(model: nn.Module, example, path: str | Path, dynamic_batch: bool
 
 
 def finish_onnx(path: str | Path) -> None:
-    """Post-process an exported file in place: drop debug metadata, make unfused int8 Gemms fusable, check it."""
+    """Post-process an exported file in place: record which value is each quantized layer's output (for
+    ``qatkit diagnose``), drop debug metadata, make unfused int8 Gemms fusable, check it."""
     import onnx
 
     model = onnx.load(str(path))
+    layers = layer_output_map(model)
     strip_debug_info(model)
     rewrite_unfused_gemms(model)
+    record_layer_outputs(model, layers)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 

@@ -18,7 +18,7 @@ from qatkit.components.splits import all_inputs, targets_of
 from qatkit.export.config import ExportConfig
 from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata
 from qatkit.io.jsonfile import read_json_object
-from qatkit.recipe import Recipe, parse_recipe
+from qatkit.recipe import Recipe, Variant, parse_recipe
 from qatkit.runner.artifacts import Source, check_extras, verify_artifacts, write_artifacts
 from qatkit.runner.outdir import run_lock
 from qatkit.runner.pipeline import make_task
@@ -35,6 +35,13 @@ def _load(model: torch.nn.Module, path: Path, stage: str) -> torch.nn.Module:
     check_state_fits(path, model.state_dict(), state)
     model.load_state_dict(state)
     return model.eval()
+
+
+def stage_model(run_dir: Path, v: Variant, stage: str, model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (the float architecture, folded as the run folded it) prepared with the variant's rules and
+    loaded with its ``stage`` ("ptq" or "qat") checkpoint."""
+    prepare(model, variant_quant(run_dir, v))
+    return _load(model, run_dir / f"{v.name}_{stage}.safetensors", f"{v.name}/{stage}")
 
 
 def run_sources(run_dir: Path, recipe, data, task, console: Console | None = None) -> list[Source]:
@@ -57,20 +64,10 @@ def run_sources(run_dir: Path, recipe, data, task, console: Console | None = Non
                 if console is not None and (stage == "ptq" or v.qat is not None):
                     console.print(f"[yellow]warning:[/] no {path.name}: {v.name} {stage} is not exported")
                 continue
-            model = new_model()
             quant = variant_quant(run_dir, v)
-            prepare(model, quant)
             build = build_info(recipe.model, recipe.base_dir, shape, n_out, folded, quant)
-            sources.append(
-                Source(
-                    v.name,
-                    stage,
-                    _load(model, path, f"{v.name}/{stage}"),
-                    None,
-                    build,
-                    partial(load_packed_model, trust_code=True),
-                )
-            )
+            model = stage_model(run_dir, v, stage, new_model())
+            sources.append(Source(v.name, stage, model, None, build, partial(load_packed_model, trust_code=True)))
     for s in sources:
         s.outputs, _ = predict(s.model, test)
     return sources

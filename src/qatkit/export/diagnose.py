@@ -1,0 +1,210 @@
+"""Where an exported ONNX file departs from the PyTorch model it came from, layer by layer.
+
+At export, :func:`record_layer_outputs` stores in the file which graph value each quantized layer's output is
+(read from the exporter's per-node module scopes before they are stripped). :func:`compare_layers` then runs the
+same inputs through the PyTorch model (forward hooks) and ONNX Runtime (those values as extra graph outputs), and
+measures each layer's difference in units of its output quantization step (1.0 = one step).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qatkit.base.batch import InputSpec, call, num_rows, rows
+from qatkit.nn.modules import QuantModule
+
+ONE_STEP = 1.0 + 1e-3
+"""More than this many steps apart is a real difference (exactly one step shows as 1.000003 in float32)."""
+LAYER_MAP_KEY = "qatkit.layer_outputs"
+"""Model-level metadata key: JSON object {layer name: graph value holding its output}, in graph order."""
+
+
+def layer_output_map(proto) -> dict[str, str]:
+    """Each quantized layer (a QDQ layer module) -> the value its last node in the graph produces, from the
+    exporter's node metadata (``namespace``: ``name: class`` per scope); empty when the metadata is gone."""
+    out: dict[str, str] = {}
+    for node in proto.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        for part in props.get("namespace", "").split("/"):
+            name, _, cls = part.partition(": ")
+            if name and cls.endswith(".QDQLayer") and node.output:
+                out.pop(name, None)  # re-insert: dict order is the order of each layer's last node
+                out[name] = node.output[0]
+    return out
+
+
+def record_layer_outputs(proto, layers: dict[str, str]) -> None:
+    """Store ``layers`` in the file's metadata, keeping only values the (post-processed) graph still produces."""
+    produced = {o for n in proto.graph.node for o in n.output}
+    kept = {k: v for k, v in layers.items() if v in produced}
+    for p in list(proto.metadata_props):
+        if p.key == LAYER_MAP_KEY:
+            proto.metadata_props.remove(p)
+    if kept:
+        proto.metadata_props.add(key=LAYER_MAP_KEY, value=json.dumps(kept))
+
+
+def read_layer_outputs(proto) -> dict[str, str]:
+    """The layer map :func:`record_layer_outputs` stored; ValueError when the file has none."""
+    for p in proto.metadata_props:
+        if p.key == LAYER_MAP_KEY:
+            data = json.loads(p.value)
+            if isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+                return data
+    raise ValueError("the file has no qatkit layer map (exported by another tool or an older qatkit): export "
+                     "it again with qatkit to diagnose it")  # fmt: skip
+
+
+@dataclass
+class LayerDiff:
+    """One quantized layer: its output's difference between the runtime and PyTorch."""
+
+    name: str
+    step: float
+    """The output quantization step the differences are measured in (the layer's output scale; without an output
+    quantizer, 1/255 of the PyTorch output's range)."""
+    step_kind: str
+    max_steps: float
+    mean_steps: float
+    cosine: float
+    off_share: float
+    """Share of values more than half a step apart."""
+    cause: str = ""
+
+
+def _step(module: nn.Module, ref: torch.Tensor) -> tuple[float, str]:
+    fq = getattr(module, "output_quant", None)
+    if fq is not None and bool(fq.fake_quant_on):
+        return float(fq.scale.detach().reshape(-1)[0]), "output scale"
+    span = float(ref.max() - ref.min()) if ref.numel() else 0.0
+    return max(span / 255.0, 1e-12), "range/255"
+
+
+def torch_layer_outputs(model: nn.Module, layers: list[str], batches: list) -> dict[str, torch.Tensor]:
+    """Each named layer's output over ``batches`` (inputs as the model takes them), concatenated along rows."""
+    modules = dict(model.named_modules())
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: got[n].append(o.detach().float()))
+             for n in layers]  # fmt: skip
+    try:
+        with torch.no_grad():
+            model.eval()
+            for b in batches:
+                call(model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in got.items() if v}
+
+
+def runtime_layer_outputs(path: str | Path, values: dict[str, str], feeds: list[dict]) -> dict[str, np.ndarray]:
+    """The named graph values over ``feeds`` (ORT input dicts), computed by ONNX Runtime on CPU."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(path))
+    outputs = {o.name for o in proto.graph.output}
+    for v in values.values():
+        if v not in outputs:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(v))
+            outputs.add(v)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = list(values.values())
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for f in feeds:
+        for n, arr in zip(names, sess.run(names, f), strict=True):
+            parts[n].append(arr)
+    return {layer: np.concatenate(parts[v]) for layer, v in values.items()}
+
+
+def compare_layers(
+    model: nn.Module, path: str | Path, spec: InputSpec, inputs: dict[str, torch.Tensor], batch_size: int = 256
+) -> list[LayerDiff]:
+    """Per quantized layer of the file, in graph order: difference between ORT and ``model`` on the same
+    ``inputs`` (named as ``spec`` says), with the cause where it can be named."""
+    import onnx
+
+    cuts = [(i, min(i + batch_size, num_rows(inputs))) for i in range(0, num_rows(inputs), batch_size)]
+    batches = [spec.structured(rows(inputs, a, b)) for a, b in cuts]
+    feeds = [{k: v.numpy() for k, v in rows(inputs, a, b).items()} for a, b in cuts]
+
+    proto = onnx.load(str(path), load_external_data=False)
+    values = read_layer_outputs(proto)
+    modules = dict(model.named_modules())
+    values = {k: v for k, v in values.items() if isinstance(modules.get(k), QuantModule)}
+    ref = torch_layer_outputs(model, list(values), batches)
+    got = runtime_layer_outputs(path, values, feeds)
+    scales = weight_scales(proto)
+    diffs: list[LayerDiff] = []
+    for name in values:
+        r, g = ref[name], torch.from_numpy(np.asarray(got[name], dtype=np.float32)).reshape(ref[name].shape)
+        step, kind = _step(modules[name], r)
+        d = (g - r).abs() / step
+        cos = (
+            float(nn.functional.cosine_similarity(g.double().flatten(), r.double().flatten(), dim=0))
+            if r.numel()
+            else 1.0
+        )
+        diffs.append(LayerDiff(name, step, kind, float(d.max()), float(d.mean()), cos, float((d > 0.5).float().mean())))
+        diffs[-1].cause = cause(diffs, modules[name], scales.get(name))
+    return diffs
+
+
+def weight_scales(proto) -> dict[str, np.ndarray]:
+    """Each layer's weight scale as stored in the file: the scale of the DequantizeLinear whose integer weight
+    initializer is named after the layer (exporters write ``a.b`` as ``a_b`` or ``p_a_b``)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    layer_map = read_layer_outputs(proto)
+    flat = {_flat(k): k for k in layer_map}
+    out: dict[str, np.ndarray] = {}
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits or node.input[1] not in inits:
+            continue
+        name = _flat(node.input[0])
+        layer = next((flat[k] for k in sorted(flat, key=len, reverse=True) if name.startswith(k + "weight")), None)
+        if layer is not None:
+            out[layer] = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    return out
+
+
+def _flat(name: str) -> str:
+    return name.removeprefix("p_").removeprefix("b_").replace(".", "").replace("_", "")
+
+
+def cause(diffs: list[LayerDiff], module: nn.Module, file_scale: np.ndarray | None) -> str:
+    """Why the last of ``diffs`` differs, where that can be known from the file and the model."""
+    d = diffs[-1]
+    fq = getattr(module, "weight_quant", None)
+    if fq is not None and file_scale is not None:
+        mine = fq.scale.detach().double().reshape(-1).numpy()
+        if mine.shape == file_scale.reshape(-1).shape:
+            rel = float(np.max(np.abs(file_scale.reshape(-1) - mine) / np.maximum(np.abs(mine), 1e-30)))
+            if rel > 1e-6:
+                return f"the file's weight scale differs from the model's (up to {100 * rel:.3g}%)"
+    if d.max_steps <= ONE_STEP:
+        return "at most one step: rounding in the runtime's integer kernel" if d.max_steps > 0.5 else ""
+    upstream = next((p for p in reversed(diffs[:-1]) if p.max_steps > ONE_STEP), None)
+    if upstream is not None:
+        return f"inherits the difference of {upstream.name}"
+    if d.step_kind == "output scale":
+        return "several steps apart with matching inputs: requantization or an op the runtime fused differently"
+    return "the runtime computes this layer differently (a fused or reordered op)"
+
+
+def first_over_one_step(diffs: list[LayerDiff]) -> LayerDiff | None:
+    """The first layer, in graph order, whose output differs by more than one step somewhere."""
+    return next((d for d in diffs if d.max_steps > ONE_STEP), None)
+
+
+def diffs_to_dicts(diffs: list[LayerDiff]) -> list[dict]:
+    return [asdict(d) for d in diffs]

@@ -1,0 +1,76 @@
+"""Diagnose: each quantized layer's output in the exported ONNX file (run by ONNX Runtime) against the PyTorch
+model, in output quantization steps; a file altered in one layer is traced to that layer first."""
+
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+import qatkit
+from qatkit.base.batch import InputSpec
+from qatkit.components.models import CNN2d
+from qatkit.export.diagnose import LAYER_MAP_KEY, compare_layers, first_over_one_step, read_layer_outputs
+from qatkit.export.onnx import export_onnx
+from qatkit.transform.fold import fold_batchnorm
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = CNN2d((1, 8, 8), 10, channels=[8, 16])
+    fold_batchnorm(model.eval())
+    qatkit.prepare(model, "int8")
+    x = torch.randn(128, 1, 8, 8)
+    qatkit.calibrate(model, [x], 1)
+    path = tmp_path_factory.mktemp("diag") / "m.onnx"
+    export_onnx(model.eval(), x[:2], path)
+    return model, x, path
+
+
+def altered(path, tmp_path, layer: str, factor: float):
+    """A copy of the file with one output channel of ``layer``'s weight scale multiplied by ``factor``."""
+    proto = onnx.load(str(path))
+    inits = {i.name: i for i in proto.graph.initializer}
+    node = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith(layer + "."))
+    scale = numpy_helper.to_array(inits[node.input[1]]).copy()
+    scale[1] *= factor
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array(scale, node.input[1]))
+    out = tmp_path / f"altered_{layer}.onnx"
+    onnx.save(proto, str(out))
+    return out
+
+
+def test_the_file_records_each_quantized_layer_in_graph_order(exported):
+    _, _, path = exported
+    assert list(read_layer_outputs(onnx.load(str(path)))) == ["features.0", "features.3", "head"]
+
+
+def test_an_unaltered_export_stays_within_one_step(exported):
+    model, x, path = exported
+    diffs = compare_layers(model, path, InputSpec.of(x), {"input": x})
+    assert [d.name for d in diffs] == ["features.0", "features.3", "head"]
+    assert first_over_one_step(diffs) is None
+    assert all(d.max_steps <= 1.001 and d.cosine > 0.999 for d in diffs)
+
+
+@pytest.mark.parametrize("layer", ["features.3", "head"])
+def test_an_altered_scale_is_named_first_with_its_cause(exported, tmp_path, layer):
+    model, x, path = exported
+    diffs = compare_layers(model, altered(path, tmp_path, layer, 1.5), InputSpec.of(x), {"input": x})
+    first = first_over_one_step(diffs)
+    assert first is not None and first.name == layer
+    assert "weight scale differs" in first.cause and "50%" in first.cause
+    before = diffs[: [d.name for d in diffs].index(layer)]
+    assert all(d.max_steps <= 1.001 for d in before)  # the layers before it still agree
+
+
+def test_a_file_without_the_layer_map_is_refused(exported, tmp_path):
+    model, x, path = exported
+    proto = onnx.load(str(path))
+    for p in list(proto.metadata_props):
+        if p.key == LAYER_MAP_KEY:
+            proto.metadata_props.remove(p)
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    with pytest.raises(ValueError, match="no qatkit layer map"):
+        compare_layers(model, bare, InputSpec.of(x), {"input": x})
