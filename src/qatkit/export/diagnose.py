@@ -90,7 +90,8 @@ def torch_layer_outputs(model: nn.Module, layers: list[str], batches: list) -> d
     """Each named layer's output over ``batches`` (inputs as the model takes them), concatenated along rows."""
     modules = dict(model.named_modules())
     got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: got[n].append(o.detach().float()))
+    # a copy: an in-place activation after the layer (ReLU6(inplace=True)) would change a kept reference
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: got[n].append(o.detach().float().clone()))
              for n in layers]  # fmt: skip
     try:
         with torch.no_grad():
