@@ -74,3 +74,16 @@ def test_a_file_without_the_layer_map_is_refused(exported, tmp_path):
     onnx.save(proto, str(bare))
     with pytest.raises(ValueError, match="no qatkit layer map"):
         compare_layers(model, bare, InputSpec.of(x), {"input": x})
+
+
+def test_an_in_place_activation_after_a_layer_does_not_change_its_captured_output(tmp_path):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU6(inplace=True),
+                                torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(256, 10))  # fmt: skip
+    qatkit.prepare(model, "int8")
+    x = torch.randn(64, 1, 8, 8) * 3
+    qatkit.calibrate(model, [x], 1)
+    path = export_onnx(model.eval(), x[:2], tmp_path / "relu6.onnx")
+    diffs = compare_layers(model, path, InputSpec.of(x), {"input": x})
+    assert diffs[0].name == "0" and diffs[0].cosine > 0.9999  # the conv's own output, before the in-place ReLU6
+    assert first_over_one_step(diffs) is None
