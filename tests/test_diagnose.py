@@ -42,7 +42,8 @@ def altered(path, tmp_path, layer: str, factor: float):
 
 def test_the_file_records_each_quantized_layer_in_graph_order(exported):
     _, _, path = exported
-    assert list(read_layer_outputs(onnx.load(str(path)))) == ["features.0", "features.3", "head"]
+    layers = read_layer_outputs(onnx.load(str(path)))
+    assert list(layers) == ["features.0", "features.3", "head"] and layers["head"]["output"] == "logits"
 
 
 def test_an_unaltered_export_stays_within_one_step(exported):
@@ -87,3 +88,26 @@ def test_an_in_place_activation_after_a_layer_does_not_change_its_captured_outpu
     diffs = compare_layers(model, path, InputSpec.of(x), {"input": x})
     assert diffs[0].name == "0" and diffs[0].cosine > 0.9999  # the conv's own output, before the in-place ReLU6
     assert first_over_one_step(diffs) is None
+
+
+class Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.after = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.after(h + self.body(h)).mean(dim=(-2, -1))
+
+
+def test_the_layer_map_finds_the_residual_add_in_front_of_a_layer(tmp_path):
+    model = Residual()
+    qatkit.prepare(model, "int8")
+    x = torch.randn(32, 1, 8, 8)
+    qatkit.calibrate(model, [x], 1)
+    proto = onnx.load(str(export_onnx(model.eval(), x[:2], tmp_path / "res.onnx")))
+    layers = read_layer_outputs(proto)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    assert producers[layers["after"]["input"]].op_type == "Add"  # the value its input quantizer reads
+    assert layers["stem"]["input"] == "input" and "input" not in producers  # the graph input

@@ -21,28 +21,30 @@ from qatkit.nn.modules import QuantModule
 
 ONE_STEP = 1.0 + 1e-3
 """More than this many steps apart is a real difference (exactly one step shows as 1.000003 in float32)."""
-LAYER_MAP_KEY = "qatkit.layer_outputs"
-"""Model-level metadata key: JSON object {layer name: graph value holding its output}, in graph order."""
+LAYER_MAP_KEY = "qatkit.layers"
+"""Model-level metadata key: JSON object {layer name: {"input": value read, "output": value produced}}, in graph
+order."""
 
 
-def layer_output_map(proto) -> dict[str, str]:
-    """Each quantized layer (a QDQ layer module) -> the value its last node in the graph produces, from the
-    exporter's node metadata (``namespace``: ``name: class`` per scope); empty when the metadata is gone."""
-    out: dict[str, str] = {}
+def layer_output_map(proto) -> dict[str, dict[str, str]]:
+    """Each quantized layer (a QDQ layer module) -> ``{"input": the first value its nodes read, "output": the
+    value its last node produces}``, from the exporter's node metadata (``namespace``: ``name: class`` per
+    scope); empty when the metadata is gone. Ordered by each layer's last node (graph order)."""
+    out: dict[str, dict[str, str]] = {}
     for node in proto.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
         for part in props.get("namespace", "").split("/"):
             name, _, cls = part.partition(": ")
             if name and cls.endswith(".QDQLayer") and node.output:
-                out.pop(name, None)  # re-insert: dict order is the order of each layer's last node
-                out[name] = node.output[0]
+                entry = out.pop(name, {"input": node.input[0] if node.input else ""})
+                out[name] = {**entry, "output": node.output[0]}  # re-inserted: the order of last nodes
     return out
 
 
-def record_layer_outputs(proto, layers: dict[str, str]) -> None:
-    """Store ``layers`` in the file's metadata, keeping only values the (post-processed) graph still produces."""
+def record_layer_outputs(proto, layers: dict[str, dict[str, str]]) -> None:
+    """Store ``layers`` in the file's metadata, keeping only outputs the (post-processed) graph still produces."""
     produced = {o for n in proto.graph.node for o in n.output}
-    kept = {k: v for k, v in layers.items() if v in produced}
+    kept = {k: v for k, v in layers.items() if v["output"] in produced}
     for p in list(proto.metadata_props):
         if p.key == LAYER_MAP_KEY:
             proto.metadata_props.remove(p)
@@ -50,12 +52,14 @@ def record_layer_outputs(proto, layers: dict[str, str]) -> None:
         proto.metadata_props.add(key=LAYER_MAP_KEY, value=json.dumps(kept))
 
 
-def read_layer_outputs(proto) -> dict[str, str]:
-    """The layer map :func:`record_layer_outputs` stored; ValueError when the file has none."""
+def read_layer_outputs(proto) -> dict[str, dict[str, str]]:
+    """The layer map :func:`record_layer_outputs` stored ({layer: {"input", "output"}}); ValueError when the
+    file has none."""
     for p in proto.metadata_props:
         if p.key == LAYER_MAP_KEY:
             data = json.loads(p.value)
-            if isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+            if isinstance(data, dict) and all(isinstance(v, dict) and isinstance(v.get("output"), str)
+                                              for v in data.values()):  # fmt: skip
                 return data
     raise ValueError("the file has no qatkit layer map (exported by another tool or an older qatkit): export "
                      "it again with qatkit to diagnose it")  # fmt: skip
@@ -138,12 +142,13 @@ def compare_layers(
     feeds = [{k: v.numpy() for k, v in rows(inputs, a, b).items()} for a, b in cuts]
 
     proto = onnx.load(str(path), load_external_data=False)
-    values = read_layer_outputs(proto)
+    layer_map = read_layer_outputs(proto)
     modules = dict(model.named_modules())
-    values = {k: v for k, v in values.items() if isinstance(modules.get(k), QuantModule)}
+    values = {k: v["output"] for k, v in layer_map.items() if isinstance(modules.get(k), QuantModule)}
     ref = torch_layer_outputs(model, list(values), batches)
     got = runtime_layer_outputs(path, values, feeds)
     scales = weight_scales(proto)
+    producers = {o: n for n in proto.graph.node for o in n.output}
     diffs: list[LayerDiff] = []
     for name in values:
         r, g = ref[name], torch.from_numpy(np.asarray(got[name], dtype=np.float32)).reshape(ref[name].shape)
@@ -155,7 +160,10 @@ def compare_layers(
             else 1.0
         )
         diffs.append(LayerDiff(name, step, kind, float(d.max()), float(d.mean()), cos, float((d > 0.5).float().mean())))
-        diffs[-1].cause = cause(diffs, modules[name], scales.get(name))
+        fed_by = producers.get(layer_map[name].get("input", ""))
+        if fed_by is not None and fed_by.op_type == "QuantizeLinear":  # the layer's input quantizer: look behind it
+            fed_by = producers.get(fed_by.input[0])
+        diffs[-1].cause = cause(diffs, modules[name], scales.get(name), fed_by.op_type if fed_by else None)
     return diffs
 
 
@@ -165,8 +173,7 @@ def weight_scales(proto) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     inits = {i.name: i for i in proto.graph.initializer}
-    layer_map = read_layer_outputs(proto)
-    flat = {_flat(k): k for k in layer_map}
+    flat = {_flat(k): k for k in read_layer_outputs(proto)}
     out: dict[str, np.ndarray] = {}
     for node in proto.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits or node.input[1] not in inits:
@@ -182,8 +189,9 @@ def _flat(name: str) -> str:
     return name.removeprefix("p_").removeprefix("b_").replace(".", "").replace("_", "")
 
 
-def cause(diffs: list[LayerDiff], module: nn.Module, file_scale: np.ndarray | None) -> str:
-    """Why the last of ``diffs`` differs, where that can be known from the file and the model."""
+def cause(diffs: list[LayerDiff], module: nn.Module, file_scale: np.ndarray | None, input_op: str | None) -> str:
+    """Why the last of ``diffs`` differs, where that can be known from the file and the model (``input_op``: the
+    op type producing the layer's input, behind its input quantizer)."""
     d = diffs[-1]
     fq = getattr(module, "weight_quant", None)
     if fq is not None and file_scale is not None:
@@ -197,6 +205,9 @@ def cause(diffs: list[LayerDiff], module: nn.Module, file_scale: np.ndarray | No
     upstream = next((p for p in reversed(diffs[:-1]) if p.max_steps > ONE_STEP), None)
     if upstream is not None:
         return f"inherits the difference of {upstream.name}"
+    if input_op in ("Add", "Sum"):
+        return ("its input is a residual add: one-step differences of the integer kernels before it add up there "
+                "and are requantized (ONNX Runtime: QLinearAdd)")  # fmt: skip
     if d.step_kind == "output scale":
         return "several steps apart with matching inputs: requantization or an op the runtime fused differently"
     return "the runtime computes this layer differently (a fused or reordered op)"
