@@ -67,6 +67,8 @@ class Task:
     primary: ClassVar[str] = "loss"
     """The metric parity and the report's checks compare between a model and its files and stages."""
     agreement_header: ClassVar[str] = "top-1 agree %"
+    exact_agreement: ClassVar[float] = 1.0
+    """The agreement of a file that computes exactly what its source model does (a share: 1; an error: 0)."""
     classes: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):

@@ -37,6 +37,7 @@ class RegressionTask(Task):
     default_monitor = "loss"
     primary = "r2"
     agreement_header = "rel. error %"
+    exact_agreement = 0.0
     classes = False
 
     def __init__(self, num_classes: int = 0, class_names=None, threshold: float = 0.5, num_targets: int = 1):
