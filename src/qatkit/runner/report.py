@@ -287,13 +287,23 @@ class Report:
         return [line for x in lines for line in (x, "")][:-1]
 
     def rich_table(self):
+        """The end-of-run table for a terminal: one line per row within 120 columns (the task's headline metric,
+        size, agreement, latency at the first batch, parity cut to fit); every column is in report.md."""
+        from rich import box
         from rich.table import Table
 
-        t = Table(title=f"qatkit report: {self.recipe.get('name', 'run')}")
-        for h in self.header():
-            t.add_column("worst recall" if h == "per-class recall" else h)
-        for r in self._table_rows(full=False):
-            t.add_row(*r)
+        t = Table(title=f"qatkit report: {self.recipe.get('name', 'run')} (all columns: report.md)",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)  # fmt: skip
+        metric = self.task.columns()[0].header
+        batch = next((b for r in self.rows for b in r.latency_ms), None)
+        for name, width in (("stage", 18), ("file", 19), (metric, 10), ("size", 17), (self.task.agreement_header, 13),
+                            (f"latency b{batch}" if batch else "latency", 16), ("parity", 18)):  # fmt: skip
+            t.add_column(name, no_wrap=True, overflow="ellipsis", max_width=width)
+        for r, cells in zip(self.rows, self._table_rows(full=False), strict=True):
+            file = "pytorch" if r.runtime == "pytorch" else f"{r.format} {r.precision or ''}".strip()
+            latency = cells[-2].split("; ")[0].split(": ", 1)[-1] if batch and f"b{batch}:" in cells[-2] else ""
+            n_metrics = len(self.task.columns())
+            t.add_row(r.label, file, cells[4], cells[4 + n_metrics], cells[5 + n_metrics], latency, cells[-1])
         return t
 
 
