@@ -52,10 +52,10 @@ def _verdict(name: str, where: str, value: float, limit: float) -> dict:
 
 def missed(verdicts: list[dict]) -> list[str]:
     """One phrase per failed verdict (for the error line and the report)."""
-    return [f"{v['criterion']} {v['where']}: {_shown(v)} > {v['limit']:g}" for v in verdicts if not v["passed"]]
+    return [f"{v['criterion']} {v['where']}: {shown(v)} > {v['limit']:g}" for v in verdicts if not v["passed"]]
 
 
-def _shown(v: dict) -> str:
+def shown(v: dict) -> str:
     return f"{v['value']:.3f}" if v["criterion"] == "max_size_ratio" else f"{v['value']:.2f}"
 
 
@@ -66,6 +66,6 @@ def markdown(verdicts: list[dict]) -> list[str]:
     ok = sum(v["passed"] for v in verdicts)
     lines = ["", "## Criteria", "", f"{ok} of {len(verdicts)} met.", "", "| criterion | where | value | limit | verdict |",
              "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {v['criterion']} | {v['where']} | {_shown(v)} | {v['limit']:g} | {'met' if v['passed'] else 'MISSED'} |"
+    lines += [f"| {v['criterion']} | {v['where']} | {shown(v)} | {v['limit']:g} | {'met' if v['passed'] else 'MISSED'} |"
               for v in verdicts]  # fmt: skip
     return lines

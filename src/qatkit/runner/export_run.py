@@ -121,7 +121,7 @@ def _export(run_dir: Path, recipe: Recipe, saved: dict, console: Console) -> Rep
     verify_artifacts(arts, spec, x, targets_of(data.test), task, recipe.export, report)
     report.write(run_dir)
     console.print(report.rich_table())
-    console.print(f"report: {run_dir / 'report.md'}")
+    console.print(f"report: {run_dir / 'report.md'}\npage with plots: {run_dir / 'report.html'}")
     return report
 
 

@@ -22,9 +22,9 @@ from qatkit.base.config import RecipeError
 
 MARKER = ".qatkit-run"
 LOCK = ".qatkit.lock"
-OWNED_DIRS = ("checkpoints", "stages", "tensorboard", "folds")
-OWNED_FILES = ("report.md", "report.json", "progress.json", "folds.json", "interventions.csv", "loss.png", MARKER,
-               LOCK)  # fmt: skip
+OWNED_DIRS = ("checkpoints", "stages", "tensorboard", "folds", "diagnose")
+OWNED_FILES = ("report.md", "report.json", "report.html", "progress.json", "folds.json", "interventions.csv",
+               "loss.png", MARKER, LOCK)  # fmt: skip
 OWNED_GLOBS = ("*.safetensors", "*_train.csv", "*_steps.csv", ".*.tmp", "*_mixed_precision.yaml", "*_sensitivity.json",
                "*_sensitivity.md", "*_sensitivity.png")  # fmt: skip
 """Top-level names a run writes; exported files go in one folder per registered format (export.EXPORTERS)."""

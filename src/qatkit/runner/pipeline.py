@@ -237,7 +237,7 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
     console.print(report.rich_table())
     for w in report.warnings():
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    console.print(f"report: {out / 'report.md'}")
+    console.print(f"report: {out / 'report.md'}\npage with plots: {out / 'report.html'}")
     return report
 
 

@@ -151,10 +151,14 @@ class Report:
                    d.get("sensitivity", {}))  # fmt: skip
 
     def write(self, out: Path) -> None:
+        """report.json (every number), report.md and report.html (the page with plots) in the run folder."""
+        from qatkit.runner.html_report import write_html
+
         atomic_write_bytes(out / "report.json", json.dumps(self.to_dict(), indent=2).encode())
         atomic_write_bytes(out / "report.md", self.to_markdown().encode())
+        write_html(self, out)
 
-    def _table_rows(self, full: bool = True) -> list[list[str]]:
+    def table_rows(self, full: bool = True) -> list[list[str]]:
         """Formatted rows; ``full=False`` shows only the worst class recall (for narrow terminals)."""
         rows = []
         for r in self.rows:
@@ -198,7 +202,7 @@ class Report:
             "| " + " | ".join(self.header()) + " |",
             "|" + "---|" * len(self.header()),
         ]
-        lines += ["| " + " | ".join(r) + " |" for r in self._table_rows()]
+        lines += ["| " + " | ".join(r) + " |" for r in self.table_rows()]
         lines += [
             "",
             "Sizes: PyTorch rows are the safetensors checkpoint (fake-quant weights are still float); exported "
@@ -299,7 +303,7 @@ class Report:
         for name, width in (("stage", 18), ("file", 19), (metric, 10), ("size", 17), (self.task.agreement_header, 13),
                             (f"latency b{batch}" if batch else "latency", 16), ("parity", 18)):  # fmt: skip
             t.add_column(name, no_wrap=True, overflow="ellipsis", max_width=width)
-        for r, cells in zip(self.rows, self._table_rows(full=False), strict=True):
+        for r, cells in zip(self.rows, self.table_rows(full=False), strict=True):
             file = "pytorch" if r.runtime == "pytorch" else f"{r.format} {r.precision or ''}".strip()
             latency = cells[-2].split("; ")[0].split(": ", 1)[-1] if batch and f"b{batch}:" in cells[-2] else ""
             n_metrics = len(self.task.columns())

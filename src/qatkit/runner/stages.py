@@ -121,7 +121,7 @@ class StageRunner:
         """A fresh run in a used folder: drop the old run's checkpoints and logs so nothing mixes."""
         if not self.info.main:
             return
-        for sub in ("checkpoints", "tensorboard", "stages"):
+        for sub in ("checkpoints", "tensorboard", "stages", "diagnose"):
             if (self.out / sub).is_dir():
                 shutil.rmtree(self.out / sub)
         (self.out / "interventions.csv").unlink(missing_ok=True)

@@ -1,0 +1,187 @@
+"""``report.html``: the run's report as one self-contained page (plots inline as PNG data, no network): the
+verdict first, then every row with its size and latency, then the plots - training curves per stage with the
+guards' interventions and the stage boundaries, the task metric against file size, per-class recall,
+sensitivity and the layer-by-layer diagnoses of exported files."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+
+from qatkit.io.checkpoint import atomic_write_bytes
+from qatkit.runner.criteria import judge, shown
+from qatkit.runner.report import Report
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;
+text-align:left}th{background:#f3f3f3}.ok{color:#186a1e}.bad{color:#b00020;font-weight:bold}
+figure{margin:1.5em 0}figcaption{font-size:13px;color:#555}img{max-width:100%}"""
+
+CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const imgs = [...document.querySelectorAll('img[data-plot]')];
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.dataset.plot);
+  document.body.dataset.plots = imgs.length;
+  document.body.dataset.broken = broken.join(',');
+  document.body.dataset.loaded = 'yes';
+});
+</script>"""
+"""Marks the page once loaded: how many plots it holds and which failed to decode (read by the browser test)."""
+
+
+def write_html(report: Report, out: Path) -> Path:
+    """``out/report.html`` for ``report`` (the run folder supplies the training CSVs and plots on disk)."""
+    name = html.escape(str(report.recipe.get("name", "run")))
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>qatkit report: {name}</title>",
+             f"<style>{STYLE}</style></head><body><h1>qatkit report: {name}</h1>",
+             *verdict(report), *rows_table(report), "<h2>Plots</h2>"]  # fmt: skip
+    for plot, caption, png in plots(report, out):
+        parts.append(figure(plot, caption, png))
+    parts += [CHECK_SCRIPT, "</body></html>"]
+    path = out / "report.html"
+    atomic_write_bytes(path, "\n".join(parts).encode())
+    return path
+
+
+def verdict(report: Report) -> list[str]:
+    """Parity of every exported file, the recipe's criteria and the warnings, before anything else."""
+    failed = [r for r in report.rows if r.parity and r.parity.startswith("failed")]
+    exported = [r for r in report.rows if r.parity]
+    if not exported:
+        head = "<p>No exported files.</p>"
+    elif failed:
+        items = "".join(f"<li>{html.escape(f'{r.label} {r.format} {r.precision}: {r.parity}')}</li>" for r in failed)
+        head = f"<p class='bad'>{len(failed)} of {len(exported)} exported files failed parity:</p><ul>{items}</ul>"
+    else:
+        head = f"<p class='ok'>All {len(exported)} exported files passed parity.</p>"
+    lines = ["<h2>Verdict</h2>", head]
+    crit = judge(report)
+    if crit:
+        items = "".join(f"<li class='{'ok' if v['passed'] else 'bad'}'>{html.escape(v['criterion'])} "
+                        f"{html.escape(v['where'])}: {shown(v)} (limit {v['limit']:g}) "
+                        f"{'met' if v['passed'] else 'MISSED'}</li>" for v in crit)  # fmt: skip
+        lines.append(f"<p>Criteria: {sum(v['passed'] for v in crit)} of {len(crit)} met.</p><ul>{items}</ul>")
+    if report.warnings():
+        items = "".join(f"<li>{html.escape(w)}</li>" for w in report.warnings())
+        lines.append(f"<p>Warnings:</p><ul>{items}</ul>")
+    return lines
+
+
+def rows_table(report: Report) -> list[str]:
+    """Every stage and file with all columns of report.md."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in report.header())
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+                   for cells in report.table_rows())  # fmt: skip
+    return ["<h2>Stages and files</h2>", f"<table><tr>{head}</tr>{body}</table>"]
+
+
+def figure(plot: str, caption: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode()
+    return (f"<figure><img data-plot='{html.escape(plot)}' alt='{html.escape(caption)}' "
+            f"src='data:image/png;base64,{data}'><figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+
+
+def plots(report: Report, out: Path) -> list[tuple[str, str, bytes]]:
+    """(name, caption, PNG bytes) of every plot the run has data for."""
+    found = [("training", "Training curves per stage: train loss and the monitored validation metric; dashed lines "
+              "mark stage boundaries, red crosses the guards' interventions.", training_png(report, out)),
+             ("metric-vs-size", "The task's headline metric against file size, for every stage and file.",
+              metric_size_png(report)),
+             ("per-class-recall", "Per-class recall of the float model and of each integer file.", recall_png(report))]  # fmt: skip
+    found = [f for f in found if f[2] is not None]
+    for png in sorted(out.glob("*_sensitivity.png")):
+        found.append((f"sensitivity:{png.stem}", f"Sensitivity by layer and width ({png.name}).", png.read_bytes()))
+    for png in sorted((out / "diagnose").glob("*.png")):
+        found.append((f"diagnose:{png.stem}", f"Runtime against PyTorch by layer ({png.name}).", png.read_bytes()))
+    return found
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def training_png(report: Report, out: Path) -> bytes | None:
+    """All stages one after another on one epoch axis: train loss (left) and the first validation metric
+    (right); a dashed line at each stage boundary, a red cross at each intervention."""
+    from matplotlib.figure import Figure
+
+    stages = [(s, out / f"{s}_train.csv") for s in report.training if (out / f"{s}_train.csv").is_file()]
+    if not stages:
+        return None
+    fig = Figure(figsize=(10, 3.8))
+    ax = fig.add_subplot()
+    ax2 = ax.twinx()
+    offset, val_key = 0, None
+    for stage, path in stages:
+        rows = _read_csv(path)
+        val_key = val_key or next((k for k in rows[0] if k.startswith("val_")), None) if rows else val_key
+        ep = [offset + int(r["epoch"]) for r in rows if r.get("train_loss")]
+        ax.plot(ep, [float(r["train_loss"]) for r in rows if r.get("train_loss")], "-", color="tab:blue")
+        if val_key:
+            pts = [(offset + int(r["epoch"]), float(r[val_key])) for r in rows if r.get(val_key)]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="tab:orange")
+        for i in report.training[stage].get("interventions", []):
+            if isinstance(i, dict) and i.get("epoch") is not None:
+                ax.axvline(offset + int(i["epoch"]), color="red", linewidth=0.6)
+                ax.plot([offset + int(i["epoch"])], [ax.get_ylim()[1]], "rx")
+        ax.text(offset + 0.2, 0.98, stage, transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+        offset += max([int(r["epoch"]) for r in rows] or [0]) + 1
+        ax.axvline(offset - 0.5, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("epoch (stages in order)")
+    ax.set_ylabel("train loss", color="tab:blue")
+    ax2.set_ylabel(val_key or "validation", color="tab:orange")
+    return _png(fig)
+
+
+def metric_size_png(report: Report) -> bytes | None:
+    """Headline metric (y) against size in KiB (x, log), one labelled point per row with both."""
+    from matplotlib.figure import Figure
+
+    key = report.task.primary
+    pts = [(r.size_bytes / 1024, r.metrics[key], f"{r.label} {r.format} {r.precision or ''}".strip())
+           for r in report.rows if r.size_bytes and r.metrics and key in r.metrics]  # fmt: skip
+    if not pts:
+        return None
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.add_subplot()
+    for x, y, label in pts:
+        ax.plot([x], [y], "o")
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("size (KiB)")
+    ax.set_ylabel(key)
+    return _png(fig)
+
+
+def recall_png(report: Report) -> bytes | None:
+    """Per-class recall bars: the float model and every integer file that ran."""
+    from matplotlib.figure import Figure
+
+    rows = [r for r in report.rows if r.metrics and "per_class_recall" in r.metrics
+            and (r.variant == "fp32" and r.runtime == "pytorch" or r.precision in ("int8", "packed-int4"))]  # fmt: skip
+    if not rows:
+        return None
+    n = len(rows[0].metrics["per_class_recall"])
+    names = report.class_names or [str(i) for i in range(n)]
+    fig = Figure(figsize=(max(6.0, 0.5 * n * len(rows) / 3 + 3), 3.8))
+    ax = fig.add_subplot()
+    width = 0.8 / len(rows)
+    for j, r in enumerate(rows):
+        xs = [i + j * width for i in range(n)]
+        ax.bar(xs, r.metrics["per_class_recall"], width, label=f"{r.label} {r.format}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(n)], names[:n], fontsize=7, rotation=30)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("recall")
+    ax.legend(fontsize=6)
+    return _png(fig)
