@@ -33,7 +33,7 @@ def test_the_page_is_self_contained_and_puts_the_verdict_first(run_dir):
     assert "<h2>Verdict</h2>" in page and page.index("Verdict") < page.index("Stages and files") < page.index("Plots")
     assert not re.search(r"(src|href)=['\"]https?:", page)  # nothing fetched from the network
     plots = re.findall(r"data-plot='([^']+)'", page)
-    assert {"training", "metric-vs-size", "per-class-recall"} <= set(plots)
+    assert {"training", "metric-vs-size", "per-class-recall", "confusion", "layer-error"} <= set(plots)
     assert page.count("src='data:image/png;base64,") == len(plots)
 
 
@@ -48,4 +48,4 @@ def test_headless_chromium_loads_the_page_and_every_plot(run_dir):
     assert body is not None, dom[:500]
     attrs = dict(re.findall(r'data-(\w+)="([^"]*)"', body.group(0)))
     assert attrs.get("loaded") == "yes"  # the page's script ran after load: no error stopped it
-    assert int(attrs["plots"]) >= 3 and attrs["broken"] == ""  # every inline PNG decoded
+    assert int(attrs["plots"]) >= 5 and attrs["broken"] == ""  # every inline PNG decoded

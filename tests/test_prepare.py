@@ -236,3 +236,24 @@ def test_low_bit_weights_default_to_learned_scales_from_an_mse_start():
     prepare(model, {"rules": [{"weight": {"bits": 2}, "activation": {}}]})
     assert isinstance(model[0].weight_quant.scale, torch.nn.Parameter)  # trained, at quant_lr
     assert not isinstance(model[0].input_quant.scale, torch.nn.Parameter)  # activations keep their calibration
+
+
+def test_weight_errors_are_bounded_by_half_a_step_and_observe_nothing(tiny_mlp):
+    import copy
+
+    from qatkit.transform.prepare import weight_errors
+
+    two = copy.deepcopy(tiny_mlp)
+    prepare(tiny_mlp, "int8")
+    prepare(two, {"rules": [{"match": "*", "weight": {"bits": 2}}]})
+    for m in (tiny_mlp, two):
+        calibrate(m, [torch.randn(16, 1, 8, 8)], 1)
+    before = {k: v.clone() for k, v in two.state_dict().items()}
+    e8, e2 = weight_errors(tiny_mlp), weight_errors(two)
+    assert all(torch.equal(before[k], v) for k, v in two.state_dict().items())  # nothing observed or changed
+    assert set(e8) == set(e2) == {"net.1", "net.3", "net.5"}
+    for name in e8:
+        layer = dict(tiny_mlp.named_modules())[name]
+        rms = float(layer.weight.detach().pow(2).mean().sqrt())
+        assert e8[name] <= float(layer.weight_quant.scale.max()) / 2 / rms + 1e-6  # rounding: at most half a step
+        assert e2[name] > 5 * e8[name]

@@ -90,7 +90,11 @@ def plots(report: Report, out: Path) -> list[tuple[str, str, bytes]]:
               "mark stage boundaries, red crosses the guards' interventions.", training_png(report, out)),
              ("metric-vs-size", "The task's headline metric against file size, for every stage and file.",
               metric_size_png(report)),
-             ("per-class-recall", "Per-class recall of the float model and of each integer file.", recall_png(report))]  # fmt: skip
+             ("per-class-recall", "Per-class recall of the float model and of each integer file.", recall_png(report)),
+             ("confusion", "Confusion matrices (rows: true class) of the float model and of the deployed file: the "
+              "first integer file of the last QAT stage.", confusion_png(report)),
+             ("layer-error", "Weight quantization error per layer (RMS error over RMS weight) of each variant's "
+              "quantized model.", layer_error_png(report))]  # fmt: skip
     found = [f for f in found if f[2] is not None]
     for png in sorted(out.glob("*_sensitivity.png")):
         found.append((f"sensitivity:{png.stem}", f"Sensitivity by layer and width ({png.name}).", png.read_bytes()))
@@ -183,5 +187,69 @@ def recall_png(report: Report) -> bytes | None:
     ax.set_xticks([i + 0.4 - width / 2 for i in range(n)], names[:n], fontsize=7, rotation=30)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("recall")
+    ax.legend(fontsize=6)
+    return _png(fig)
+
+
+def deployed(report: Report):
+    """The file a user ships: the first integer file of the last variant's QAT (else PTQ) stage that ran."""
+    ran = [r for r in report.rows if r.runtime != "pytorch" and r.metrics and r.variant != "fp32"
+           and r.precision not in (None, "fp32", "fp16")]  # fmt: skip
+    for stage in ("qat", "ptq"):
+        rows = [r for r in ran if r.stage == stage]
+        if rows:
+            return [r for r in rows if r.variant == rows[-1].variant][0]
+    return None
+
+
+def confusion_png(report: Report) -> bytes | None:
+    """The float model's confusion matrix next to the deployed file's, as counts with a shared colour scale."""
+    from matplotlib.figure import Figure
+
+    fp32, chosen = report.find("fp32", "fp32", "pytorch"), deployed(report)
+    pairs = [(f"fp32 {r.format}" if r is fp32 else f"{r.label} {r.format} {r.precision}", r.metrics["confusion"])
+             for r in (fp32, chosen) if r is not None and r.metrics and "confusion" in r.metrics]  # fmt: skip
+    if not pairs:
+        return None
+    n = len(pairs[0][1])
+    names = (report.class_names or [str(i) for i in range(n)])[:n]
+    top = max(max(max(row) for row in m) for _, m in pairs) or 1
+    fig = Figure(figsize=(4.2 * len(pairs) + 0.5, 4.0))
+    for k, (title, m) in enumerate(pairs):
+        ax = fig.add_subplot(1, len(pairs), k + 1)
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=top)
+        for i in range(n):
+            for j in range(n):
+                if n <= 12:
+                    ax.text(j, i, str(m[i][j]), ha="center", va="center", fontsize=6,
+                            color="white" if m[i][j] > top / 2 else "black")  # fmt: skip
+        ax.set_xticks(range(n), names, fontsize=6, rotation=45)
+        ax.set_yticks(range(n), names, fontsize=6)
+        ax.set_xlabel("predicted")
+        ax.set_title(title, fontsize=8)
+    return _png(fig)
+
+
+def layer_error_png(report: Report) -> bytes | None:
+    """One line per variant (its QAT model, else PTQ): weight quantization error by layer in model order."""
+    from matplotlib.figure import Figure
+
+    series = []
+    for v, info in report.layers.items():
+        errors = info.get("weight_error", {}) if isinstance(info, dict) else {}
+        stage = "qat" if errors.get("qat") else "ptq"
+        if errors.get(stage):
+            series.append((f"{v} {stage}", errors[stage]))
+    if not series:
+        return None
+    names = list(dict.fromkeys(n for _, e in series for n in e))
+    fig = Figure(figsize=(max(6.0, 0.35 * len(names) + 2), 3.8))
+    ax = fig.add_subplot()
+    for label, e in series:
+        ax.plot([i for i, n in enumerate(names) if n in e], [max(e[n], 1e-9) for n in names if n in e], "o-",
+                label=label)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("RMS error / RMS weight")
     ax.legend(fontsize=6)
     return _png(fig)

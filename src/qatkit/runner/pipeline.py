@@ -41,7 +41,7 @@ from qatkit.train.distill import Teacher
 from qatkit.train.distributed import barrier, current, init_from_env
 from qatkit.transform.calibrate import calibrate
 from qatkit.transform.fold import fold_batchnorm
-from qatkit.transform.prepare import prepare, quant_status
+from qatkit.transform.prepare import prepare, quant_status, weight_errors
 from qatkit.transform.warm_start import warm_start
 
 
@@ -139,6 +139,8 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
         metrics = task.metrics(outputs, targets)
         status = None if variant == "fp32" else quant_status(m)
         report.add(Row(variant, stage, "pytorch", metrics, size_bytes=size_bytes, status=status))
+        if variant != "fp32":  # per-layer weight quantization error, for the report's plot
+            report.layers.setdefault(variant, {}).setdefault("weight_error", {})[stage] = weight_errors(m)
         shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in task.monitors if k in metrics)
         console.print(f"{stage.upper()} test {shown}")
         build = None

@@ -30,14 +30,21 @@ def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * temperature**2
 
 
+CONFUSION_MAX_CLASSES = 32
+"""Metrics carry the confusion matrix (rows: true class, columns: predicted) up to this many classes."""
+
+
 def recall_and_f1(y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
-    from sklearn.metrics import f1_score, recall_score
+    from sklearn.metrics import confusion_matrix, f1_score, recall_score
 
     labels = list(range(num_classes))
-    return {
+    out = {
         "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "per_class_recall": [float(r) for r in recall_score(y, pred, labels=labels, average=None, zero_division=0)],
     }
+    if num_classes <= CONFUSION_MAX_CLASSES:
+        out["confusion"] = confusion_matrix(y, pred, labels=labels).tolist()
+    return out
 
 
 def recall_cells(m: dict) -> str:

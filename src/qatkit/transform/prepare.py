@@ -6,11 +6,13 @@ import fnmatch
 import re
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from qatkit.base.config import RecipeError
 from qatkit.nn.fake_quantizer import FakeQuantizer, num_scales
 from qatkit.nn.modules import QUANT_MODULES, REPORTED_TYPES, QuantModule, activation_module
+from qatkit.quant.affine import fake_quantize
 from qatkit.transform.graph import FusedActivation, NotTraceable, outputs_feeding_float
 from qatkit.transform.rules import ActivationQuant, QuantRecipe, Rule, TensorQuant, parse_quant
 
@@ -270,6 +272,22 @@ def unprepare(model: nn.Module) -> nn.Module:
                 _set_submodule(model, m.fused_relu, activation_module(m.fused_activation()))
             _set_submodule(model, name, m.to_float())
     return model
+
+
+@torch.no_grad()
+def weight_errors(model: nn.Module) -> dict[str, float]:
+    """Each quantized layer's weight quantization error: RMS of (fake-quantized - float weight) over the RMS
+    of the weight, with the quantizer's scales as they stand (learned ones included; nothing is observed)."""
+    out = {}
+    for name, m in model.named_modules():
+        fq = getattr(m, "weight_quant", None) if isinstance(m, QuantModule) else None
+        if fq is None or not bool(fq.fake_quant_on):
+            continue
+        fq.sync_zero_point()
+        w, s = m.weight.detach().float(), fq.spec
+        q = fake_quantize(w, fq.scale.detach(), fq.zero_point, s.qmin, s.qmax, fq.ch_axis, fq.group_size)
+        out[name] = float((q - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp_min(1e-30))
+    return out
 
 
 def quant_status(model: nn.Module) -> dict:
