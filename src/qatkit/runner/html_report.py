@@ -131,10 +131,10 @@ def training_png(report: Report, out: Path) -> bytes | None:
         rows = _read_csv(path)
         val_key = val_key or next((k for k in rows[0] if k.startswith("val_")), None) if rows else val_key
         ep = [offset + int(r["epoch"]) for r in rows if r.get("train_loss")]
-        ax.plot(ep, [float(r["train_loss"]) for r in rows if r.get("train_loss")], "-", color="tab:blue")
+        ax.plot(ep, [float(r["train_loss"]) for r in rows if r.get("train_loss")], ".-", color="tab:blue")
         if val_key:
             pts = [(offset + int(r["epoch"]), float(r[val_key])) for r in rows if r.get(val_key)]
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], "-", color="tab:orange")
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], ".-", color="tab:orange")
         for i in report.training[stage].get("interventions", []):
             if isinstance(i, dict) and i.get("epoch") is not None:
                 ax.axvline(offset + int(i["epoch"]), color="red", linewidth=0.6)
