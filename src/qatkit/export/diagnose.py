@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from qatkit.base.batch import InputSpec, call, num_rows, rows
+from qatkit.export.verify import weight_layer
 from qatkit.nn.modules import QuantModule
 
 ONE_STEP = 1.0 + 1e-3
@@ -173,20 +174,15 @@ def weight_scales(proto) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     inits = {i.name: i for i in proto.graph.initializer}
-    flat = {_flat(k): k for k in read_layer_outputs(proto)}
+    layers = list(read_layer_outputs(proto))
     out: dict[str, np.ndarray] = {}
     for node in proto.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits or node.input[1] not in inits:
             continue
-        name = _flat(node.input[0])
-        layer = next((flat[k] for k in sorted(flat, key=len, reverse=True) if name.startswith(k + "weight")), None)
+        layer = weight_layer(node.input[0], layers)
         if layer is not None:
             out[layer] = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
     return out
-
-
-def _flat(name: str) -> str:
-    return name.removeprefix("p_").removeprefix("b_").replace(".", "").replace("_", "")
 
 
 def cause(diffs: list[LayerDiff], module: nn.Module, file_scale: np.ndarray | None, input_op: str | None) -> str:

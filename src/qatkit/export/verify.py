@@ -87,7 +87,6 @@ def float_quantized_layers(path: str | Path, layers: list[str]) -> list[str]:
         graph = onnx.load(str(opt)).graph
     producers = {o: n for n in graph.node for o in n.output}
     inits = {i.name for i in graph.initializer}
-    keys = {_flat(layer): layer for layer in layers}
     slow = []
     for node in graph.node:
         if node.op_type not in FLOAT_KERNELS:
@@ -96,8 +95,7 @@ def float_quantized_layers(path: str | Path, layers: list[str]) -> list[str]:
             dq = producers.get(inp)
             if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
                 continue
-            name = _flat(dq.input[0])
-            layer = next((keys[k] for k in sorted(keys, key=len, reverse=True) if name.startswith(k + "weight")), None)
+            layer = weight_layer(dq.input[0], layers)
             if layer is not None and layer not in slow:
                 slow.append(layer)
     return slow
@@ -106,6 +104,14 @@ def float_quantized_layers(path: str | Path, layers: list[str]) -> list[str]:
 def _flat(name: str) -> str:
     """A tensor or module name with separators removed (exporters write ``a.b`` as ``a_b`` or ``p_a_b``)."""
     return name.removeprefix("p_").removeprefix("b_").replace(".", "").replace("_", "")
+
+
+def weight_layer(tensor: str, layers) -> str | None:
+    """Which of ``layers`` (qualified module names) the exported weight tensor ``tensor`` belongs to (the longest
+    name it starts with, followed by "weight"), or None."""
+    name = _flat(tensor)
+    keys = sorted(((_flat(layer), layer) for layer in layers), key=lambda k: len(k[0]), reverse=True)
+    return next((layer for k, layer in keys if name.startswith(k + "weight")), None)
 
 
 def file_size(path: str | Path) -> int:
