@@ -229,7 +229,7 @@ def _run(recipe: Recipe, out: Path, console: Console, progress: bool, resume: st
 
     # ---- write every exported file, run each in its runtime ------------------------------------
     if recipe.export.formats and info.main:
-        report.write(out)  # the training results are safe on disk before any converter runs
+        report.write(out, html=False)  # the training results are safe on disk before any converter runs
         console.rule(f"[bold]export[/]: {', '.join(recipe.export.formats)}; accuracy, agreement, size, latency")
         arts = write_artifacts(sources, recipe.export, out, spec, x_test, console)
         verify_artifacts(arts, spec, x_test, targets_of(data.test), task, recipe.export, report)

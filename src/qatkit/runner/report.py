@@ -150,13 +150,15 @@ class Report:
                    d.get("training", {}), d.get("seconds", 0.0), d.get("folding", {}),
                    d.get("sensitivity", {}))  # fmt: skip
 
-    def write(self, out: Path) -> None:
-        """report.json (every number), report.md and report.html (the page with plots) in the run folder."""
-        from qatkit.runner.html_report import write_html
-
+    def write(self, out: Path, html: bool = True) -> None:
+        """report.json (every number), report.md and, with ``html``, report.html (the page with plots) in the run
+        folder."""
         atomic_write_bytes(out / "report.json", json.dumps(self.to_dict(), indent=2).encode())
         atomic_write_bytes(out / "report.md", self.to_markdown().encode())
-        write_html(self, out)
+        if html:
+            from qatkit.runner.html_report import write_html
+
+            write_html(self, out)
 
     def table_rows(self, full: bool = True) -> list[list[str]]:
         """Formatted rows; ``full=False`` shows only the worst class recall (for narrow terminals)."""
