@@ -82,8 +82,11 @@ def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
     layers = json.loads((out / "diagnose" / "w4a8_qat_onnx.json").read_text())["layers"]
     assert [d["name"] for d in layers] == ["net.1", "net.3"] and "# Diagnose: w4a8_qat.onnx" in r.stdout
     assert (out / "diagnose" / "w4a8_qat_onnx.png").read_bytes()[:4] == b"\x89PNG"
-    r = qatkit("diagnose", str(out), "--format", "tflite")
-    assert r.returncode == 2 and "LiteRT is not supported yet" in r.stderr and "Traceback" not in r.stderr
+    r = qatkit("diagnose", str(out), "--format", "tflite")  # LiteRT: layers found by the tensor names
+    assert r.returncode == 0, r.stderr
+    assert "# Diagnose: w4a8_qat.tflite" in r.stdout and "| net.3 |" in r.stdout
+    r = qatkit("diagnose", str(out), "--format", "coreml")
+    assert r.returncode == 2 and "diagnose reads onnx, tflite files" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_parity_failure_exits_nonzero_unless_allowed(tmp_path):

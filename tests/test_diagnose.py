@@ -48,21 +48,23 @@ def test_the_file_records_each_quantized_layer_in_graph_order(exported):
 
 def test_an_unaltered_export_stays_within_one_step(exported):
     model, x, path = exported
-    diffs = compare_layers(model, path, InputSpec.of(x), {"input": x})
+    diffs = compare_layers(model, path, InputSpec.of(x), {"input": x}).layers
     assert [d.name for d in diffs] == ["features.0", "features.3", "head"]
     assert first_over_one_step(diffs) is None
     assert all(d.max_steps <= 1.001 and d.cosine > 0.999 for d in diffs)
+    assert all(d.plain_max_steps is not None and d.plain_max_steps <= 1.001 for d in diffs)  # unfused too
 
 
 @pytest.mark.parametrize("layer", ["features.3", "head"])
 def test_an_altered_scale_is_named_first_with_its_cause(exported, tmp_path, layer):
     model, x, path = exported
-    diffs = compare_layers(model, altered(path, tmp_path, layer, 1.5), InputSpec.of(x), {"input": x})
+    diffs = compare_layers(model, altered(path, tmp_path, layer, 1.5), InputSpec.of(x), {"input": x}).layers
     first = first_over_one_step(diffs)
     assert first is not None and first.name == layer
     assert "weight scale differs" in first.cause and "50%" in first.cause
     before = diffs[: [d.name for d in diffs].index(layer)]
     assert all(d.max_steps <= 1.001 for d in before)  # the layers before it still agree
+    assert first.plain_max_steps > 1.001  # the file itself differs: unfused too
 
 
 def test_a_file_without_the_layer_map_is_refused(exported, tmp_path):
@@ -85,7 +87,7 @@ def test_an_in_place_activation_after_a_layer_does_not_change_its_captured_outpu
     x = torch.randn(64, 1, 8, 8) * 3
     qatkit.calibrate(model, [x], 1)
     path = export_onnx(model.eval(), x[:2], tmp_path / "relu6.onnx")
-    diffs = compare_layers(model, path, InputSpec.of(x), {"input": x})
+    diffs = compare_layers(model, path, InputSpec.of(x), {"input": x}).layers
     assert diffs[0].name == "0" and diffs[0].cosine > 0.9999  # the conv's own output, before the in-place ReLU6
     assert first_over_one_step(diffs) is None
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qatkit.export.formats import diagnosable
 from qatkit.recipe import parse_recipe
 from qatkit.runner.pipeline import run
 
@@ -54,10 +55,11 @@ def test_example_runs_end_to_end_at_tiny_size(name, tmp_path):
         assert row.metrics is not None and not row.parity.startswith("failed: export error"), (row.label, row.parity)
         assert row.latency_ms.get("1", 0) > 0
     assert (tmp_path / "out" / "report.md").is_file()
-    # an ONNX file that does not agree exactly with its model is diagnosed layer by layer during verification
+    # a file that does not agree exactly with its model is diagnosed layer by layer during verification
     exact = report.task.exact_agreement
     for row in exported:
-        if row.format == "onnx" and row.stage in ("ptq", "qat") and row.agreement != exact:
-            assert "diagnose" in row.details, (row.label, row.details)
-            assert (tmp_path / "out" / "diagnose" / f"{row.variant}_{row.stage}_onnx.md").is_file()
+        if row.format in diagnosable() and row.stage in ("ptq", "qat") and row.agreement != exact:
+            assert "diagnose" in row.details and "not diagnosed" not in row.details["diagnose"], row.details
+            file = Path(row.file)
+            assert (tmp_path / "out" / "diagnose" / f"{file.stem}_{row.format}.md").is_file()
     assert not report.folding.get("left"), report.folding  # every BatchNorm in the examples folds

@@ -4,6 +4,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from browser import load_page
 from qatkit.components.datafiles import load_file as load_data_file
 from qatkit.components.folds import make_folds
 from qatkit.components.splits import DataError, targets_of
@@ -129,6 +131,15 @@ def test_aggregate_report_matches_the_folds_reports(tmp_path):
     assert qat_drop["value"] == pytest.approx(100 * (fp32 - per["s2"][("w8", "qat", "pytorch")]["metrics"]["accuracy"]))
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Aggregate" in md and "| group-s3 | group s3 |" in md and "## Criteria" in md
+    # report.html across the folds: self-contained, every plot present, and it loads in headless Chromium
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert page.index("Verdict") < page.index("Aggregate") < page.index("Plots") and "passed parity" in page
+    plots = set(re.findall(r"data-plot='([^']+)'", page))
+    assert plots == {"metric-by-fold", "metric-vs-size", "per-class-recall", "confusion"}
+    assert not re.search(r"(src|href)=['\"]https?:", page) and "href='folds/group-s1/report.html'" in page
+    assert (tmp_path / "out" / "folds" / "group-s1" / "report.html").is_file()
+    attrs = load_page(tmp_path / "out" / "report.html")
+    assert attrs.get("loaded") == "yes" and attrs["plots"] == "4" and attrs["broken"] == ""
 
     # a criterion missed on any fold: the report is written, the exit status is 1, the line names the fold
     write_recipe(tmp_path, criteria={"max_size_ratio": 0.01})

@@ -170,7 +170,7 @@ def diagnose(
     run_dir: Path = typer.Argument(..., help="A finished run folder with exported files."),
     variant: Optional[str] = typer.Option(None, "--variant", "-v", help="Whose file (default: the first variant)."),
     stage: str = typer.Option("qat", "--stage", help="ptq or qat."),
-    fmt: str = typer.Option("onnx", "--format", "-f", help="The file's format (onnx)."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="The file's format: onnx or tflite."),
     rows: int = typer.Option(512, "--rows", min=1, max=1 << 20, help="Test rows to compare on."),
 ) -> None:
     """Where an exported file departs from its PyTorch model: each quantized layer's output difference in

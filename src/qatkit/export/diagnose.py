@@ -9,7 +9,7 @@ measures each layer's difference in units of its output quantization step (1.0 =
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +81,8 @@ class LayerDiff:
     off_share: float
     """Share of values more than half a step apart."""
     cause: str = ""
+    plain_max_steps: float | None = None
+    """The max difference with the runtime's graph optimisations off (None: not measured)."""
 
 
 def _step(module: nn.Module, ref: torch.Tensor) -> tuple[float, str]:
@@ -109,8 +111,11 @@ def torch_layer_outputs(model: nn.Module, layers: list[str], batches: list) -> d
     return {n: torch.cat(v) for n, v in got.items() if v}
 
 
-def runtime_layer_outputs(path: str | Path, values: dict[str, str], feeds: list[dict]) -> dict[str, np.ndarray]:
-    """The named graph values over ``feeds`` (ORT input dicts), computed by ONNX Runtime on CPU."""
+def runtime_layer_outputs(
+    path: str | Path, values: dict[str, str], feeds: list[dict], optimize: bool = True
+) -> dict[str, np.ndarray]:
+    """The named graph values over ``feeds`` (ORT input dicts), computed by ONNX Runtime on CPU (``optimize``
+    False: no graph optimisations, so Q/DQ pairs are not fused into integer kernels)."""
     import onnx
     import onnxruntime as ort
 
@@ -122,6 +127,8 @@ def runtime_layer_outputs(path: str | Path, values: dict[str, str], feeds: list[
             outputs.add(v)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = list(values.values())
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -131,41 +138,88 @@ def runtime_layer_outputs(path: str | Path, values: dict[str, str], feeds: list[
     return {layer: np.concatenate(parts[v]) for layer, v in values.items()}
 
 
+@dataclass
+class Diagnosis:
+    """One file's per-layer differences, in graph order, with how they were captured."""
+
+    layers: list[LayerDiff]
+    runtime: str
+    """What computed the file's side (the runtime and its settings)."""
+    notes: list[str] = field(default_factory=list)
+    """File-level findings (e.g. the delegated run against the kernels the layers were captured with)."""
+
+
+@dataclass
+class LayerContext:
+    """What the file says about one layer, for naming a cause."""
+
+    file_scale: np.ndarray | None = None
+    """The layer's weight scale as stored in the file."""
+    input_op: str | None = None
+    """The op producing the layer's input (behind its input quantizer): ``Add`` for a residual add."""
+    plain: np.ndarray | None = None
+    """The layer's output with the runtime's graph optimisations (fusion into integer kernels) off."""
+
+
+def batches_and_feeds(spec: InputSpec, inputs: dict[str, torch.Tensor], batch_size: int) -> tuple[list, list]:
+    """``inputs`` cut into batches: structured as the model takes them, and as named arrays for a runtime."""
+    cuts = [(i, min(i + batch_size, num_rows(inputs))) for i in range(0, num_rows(inputs), batch_size)]
+    return ([spec.structured(rows(inputs, a, b)) for a, b in cuts],
+            [{k: v.numpy() for k, v in rows(inputs, a, b).items()} for a, b in cuts])  # fmt: skip
+
+
 def compare_layers(
     model: nn.Module, path: str | Path, spec: InputSpec, inputs: dict[str, torch.Tensor], batch_size: int = 256
-) -> list[LayerDiff]:
-    """Per quantized layer of the file, in graph order: difference between ORT and ``model`` on the same
-    ``inputs`` (named as ``spec`` says), with the cause where it can be named."""
+) -> Diagnosis:
+    """Per quantized layer of the ONNX file, in graph order: difference between ONNX Runtime and ``model`` on the
+    same ``inputs`` (named as ``spec`` says), also with ORT's graph optimisations off (no integer-kernel
+    fusion), with the cause where it can be named."""
     import onnx
 
-    cuts = [(i, min(i + batch_size, num_rows(inputs))) for i in range(0, num_rows(inputs), batch_size)]
-    batches = [spec.structured(rows(inputs, a, b)) for a, b in cuts]
-    feeds = [{k: v.numpy() for k, v in rows(inputs, a, b).items()} for a, b in cuts]
-
+    batches, feeds = batches_and_feeds(spec, inputs, batch_size)
     proto = onnx.load(str(path), load_external_data=False)
     layer_map = read_layer_outputs(proto)
     modules = dict(model.named_modules())
     values = {k: v["output"] for k, v in layer_map.items() if isinstance(modules.get(k), QuantModule)}
-    ref = torch_layer_outputs(model, list(values), batches)
     got = runtime_layer_outputs(path, values, feeds)
+    plain = runtime_layer_outputs(path, values, feeds, optimize=False)
     scales = weight_scales(proto)
     producers = {o: n for n in proto.graph.node for o in n.output}
-    diffs: list[LayerDiff] = []
+    context = {}
     for name in values:
-        r, g = ref[name], torch.from_numpy(np.asarray(got[name], dtype=np.float32)).reshape(ref[name].shape)
+        fed_by = producers.get(layer_map[name].get("input", ""))
+        if fed_by is not None and fed_by.op_type == "QuantizeLinear":  # the layer's input quantizer: look behind it
+            fed_by = producers.get(fed_by.input[0])
+        context[name] = LayerContext(scales.get(name), fed_by.op_type if fed_by else None, plain[name])
+    layers = layer_diffs(model, torch_layer_outputs(model, list(values), batches), got, context)
+    return Diagnosis(layers, "ONNX Runtime, CPU, all graph optimisations (as verification runs it)")
+
+
+def layer_diffs(
+    model: nn.Module, ref: dict[str, torch.Tensor], got: dict[str, np.ndarray], context: dict[str, LayerContext]
+) -> list[LayerDiff]:
+    """Each layer of ``got`` (runtime outputs, reshaped to PyTorch's layout) against ``ref``, in that order."""
+    modules = dict(model.named_modules())
+    diffs: list[LayerDiff] = []
+    for name, values in got.items():
+        r, ctx = ref[name], context.get(name, LayerContext())
         step, kind = _step(modules[name], r)
+        g = _as_ref(values, r)
         d = (g - r).abs() / step
         cos = (
             float(nn.functional.cosine_similarity(g.double().flatten(), r.double().flatten(), dim=0))
             if r.numel()
             else 1.0
         )
-        diffs.append(LayerDiff(name, step, kind, float(d.max()), float(d.mean()), cos, float((d > 0.5).float().mean())))
-        fed_by = producers.get(layer_map[name].get("input", ""))
-        if fed_by is not None and fed_by.op_type == "QuantizeLinear":  # the layer's input quantizer: look behind it
-            fed_by = producers.get(fed_by.input[0])
-        diffs[-1].cause = cause(diffs, modules[name], scales.get(name), fed_by.op_type if fed_by else None)
+        plain = None if ctx.plain is None else float(((_as_ref(ctx.plain, r) - r).abs() / step).max())
+        diffs.append(LayerDiff(name, step, kind, float(d.max()), float(d.mean()), cos,
+                               float((d > 0.5).float().mean()), plain_max_steps=plain))  # fmt: skip
+        diffs[-1].cause = cause(diffs, modules[name], ctx.file_scale, ctx.input_op)
     return diffs
+
+
+def _as_ref(values: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(values, dtype=np.float32)).reshape(ref.shape)
 
 
 def weight_scales(proto) -> dict[str, np.ndarray]:
@@ -198,12 +252,20 @@ def cause(diffs: list[LayerDiff], module: nn.Module, file_scale: np.ndarray | No
                 return f"the file's weight scale differs from the model's (up to {100 * rel:.3g}%)"
     if d.max_steps <= ONE_STEP:
         return "at most one step: rounding in the runtime's integer kernel" if d.max_steps > 0.5 else ""
+    fused = d.plain_max_steps is not None and d.plain_max_steps <= ONE_STEP
+    unfused = (f"; with the runtime's graph optimisations off it is within {d.plain_max_steps:.3g} steps: the "
+               "fused integer kernels are the source" if fused else "")  # fmt: skip
     upstream = next((p for p in reversed(diffs[:-1]) if p.max_steps > ONE_STEP), None)
     if upstream is not None:
-        return f"inherits the difference of {upstream.name}"
-    if input_op in ("Add", "Sum"):
+        return f"inherits the difference of {upstream.name}{unfused}"
+    if input_op in ("Add", "Sum", "ADD"):
         return ("its input is a residual add: one-step differences of the integer kernels before it add up there "
-                "and are requantized (ONNX Runtime: QLinearAdd)")  # fmt: skip
+                f"and are requantized{unfused}")  # fmt: skip
+    if fused:
+        return f"an op the runtime fused into an integer kernel rounds differently{unfused}"
+    if d.plain_max_steps is not None:
+        return (f"the file's graph computes this layer differently from PyTorch ({d.plain_max_steps:.3g} steps "
+                "also with the runtime's optimisations off): an export mismatch, not kernel rounding")  # fmt: skip
     if d.step_kind == "output scale":
         return "several steps apart with matching inputs: requantization or an op the runtime fused differently"
     return "the runtime computes this layer differently (a fused or reordered op)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from torch import nn
 
 from qatkit.base.batch import InputSpec
 from qatkit.export.config import ExportConfig
+
+if TYPE_CHECKING:
+    from qatkit.export.diagnose import Diagnosis
 
 EXPORTERS: dict[str, Exporter] = {}
 """Format name -> exporter instance, in the order the format modules were imported."""
@@ -104,6 +107,16 @@ class Exporter:
     def float_layers(self, art: Artifact, cfg: ExportConfig) -> list[str]:
         """Quantized layers that the runtime still runs in float (a slow int8 file must not pass unnoticed)."""
         return []
+
+    def diagnose(self, model: nn.Module, path: Path, spec: InputSpec, inputs: dict[str, torch.Tensor]) -> Diagnosis:
+        """Each quantized layer's output in the file's runtime against ``model`` on ``inputs``, in graph order
+        (see export/diagnose.py); formats that cannot capture per-layer values do not override this."""
+        raise NotImplementedError(f"{self.title or self.format} files cannot be diagnosed layer by layer")
+
+
+def diagnosable() -> list[str]:
+    """Formats whose exporter can compare a file with its model layer by layer."""
+    return [f for f, e in EXPORTERS.items() if type(e).diagnose is not Exporter.diagnose]
 
 
 def opened(art: Artifact, cfg: ExportConfig):

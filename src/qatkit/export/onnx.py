@@ -15,7 +15,7 @@ from torch import nn
 
 from qatkit.base.batch import InputSpec, Positional, adapt, repeat_rows, rows
 from qatkit.export import verify
-from qatkit.export.diagnose import layer_output_map, record_layer_outputs
+from qatkit.export.diagnose import compare_layers, layer_output_map, record_layer_outputs
 from qatkit.export.formats import Exporter, opened, quantized_layers
 from qatkit.export.gemm_rewrite import rewrite_unfused_gemms
 from qatkit.export.qdq import to_qdq
@@ -150,6 +150,9 @@ class OnnxExporter(Exporter):
 
     def details(self, art, cfg):
         return {"integer_kernels": verify.fused_int8_ops(art.path)} if art.source.quantized else {}
+
+    def diagnose(self, model, path, spec, inputs):
+        return compare_layers(model, path, spec, inputs)
 
     def float_layers(self, art, cfg):
         return (

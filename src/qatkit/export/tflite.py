@@ -197,12 +197,18 @@ class TFLiteRunner:
     """A LiteRT interpreter over one file: named float arrays in (one per model input, in signature order),
     float outputs out (int8 I/O converted here)."""
 
-    def __init__(self, path: str | Path, threads: int = 1):
+    def __init__(self, path: str | Path, threads: int = 1, keep_tensors: bool = False):
+        """``keep_tensors``: keep every intermediate tensor for :meth:`capture`, which needs LiteRT's builtin
+        kernels (the XNNPACK delegate keeps none), so the file runs without it."""
         self.path = Path(path)
         self._graph = None
         with quiet():
             interp = require("ai_edge_litert.interpreter", "tflite", "Running TFLite files")
-            self.interpreter = interp.Interpreter(model_path=str(path), num_threads=threads)
+            extra = {}
+            if keep_tensors:
+                extra = {"experimental_preserve_all_tensors": True,
+                         "experimental_op_resolver_type": interp.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}  # fmt: skip
+            self.interpreter = interp.Interpreter(model_path=str(path), num_threads=threads, **extra)
             self.interpreter.allocate_tensors()
             self.inputs = sorted(self.interpreter.get_input_details(), key=_arg_position)
             self.input = self.inputs[0]
@@ -246,26 +252,41 @@ class TFLiteRunner:
                 x = np.clip(np.round(x / s) + z, info.min, info.max)
             self.interpreter.set_tensor(d["index"], x.astype(d["dtype"]))
         self.interpreter.invoke()
-        y = self.interpreter.get_tensor(self.output["index"])
-        if self.output["dtype"] != np.float32:
-            s, z = self.output["quantization"]
+        return self.float_tensor(self.output)
+
+    def float_tensor(self, detail: dict) -> np.ndarray:
+        """A tensor's current value (``detail`` from the interpreter's tensor details), dequantized if integer."""
+        y = self.interpreter.get_tensor(detail["index"])
+        if y.dtype != np.float32:
+            s, z = detail["quantization"]
             y = (y.astype(np.float32) - z) * s
         return y.astype(np.float32, copy=True)
 
     def run(self, x) -> np.ndarray:
         """Outputs for every row of ``x`` (an array, or named arrays in model-input order), fed in chunks of the
         file's batch size; the tail is padded."""
+        return np.concatenate([self._call(chunk)[:k] for chunk, k in self._chunks(x)])
+
+    def capture(self, x, tensors: list[dict]) -> list[np.ndarray]:
+        """Float values of ``tensors`` (tensor details) over every row of ``x``, as :meth:`run` feeds them
+        (needs ``keep_tensors``)."""
+        got: list[list[np.ndarray]] = [[] for _ in tensors]
+        for chunk, k in self._chunks(x):
+            self._call(chunk)
+            for part, t in zip(got, tensors, strict=True):
+                part.append(self.float_tensor(t)[:k])
+        return [np.concatenate(p) for p in got]
+
+    def _chunks(self, x):
         xs = list(x.values()) if isinstance(x, dict) else [x]
         if len(xs) != len(self.inputs):
             raise ValueError(f"the file takes {len(self.inputs)} inputs, got {len(xs)}")
-        n, outs = len(xs[0]), []
-        for i in range(0, n, self.batch):
+        for i in range(0, len(xs[0]), self.batch):
             chunk = [v[i : i + self.batch] for v in xs]
             k = len(chunk[0])
             if k < self.batch:
                 chunk = [np.concatenate([c, np.repeat(c[-1:], self.batch - k, axis=0)]) for c in chunk]
-            outs.append(self._call(chunk)[:k])
-        return np.concatenate(outs)
+            yield chunk, k
 
 
 def _arg_position(detail: dict) -> int:
@@ -311,6 +332,11 @@ class TFLiteExporter(Exporter):
         forms = dict(layer_forms(r.graph))
         layers = {**forms, "model layers": count_layers(art.source.model)}
         return {"ops": dict(Counter(r.op_names())), "io_dtype": r.io_dtype, "layers": layers}
+
+    def diagnose(self, model, path, spec, inputs):
+        from qatkit.export.diagnose_tflite import compare_layers_tflite
+
+        return compare_layers_tflite(model, path, spec, inputs)
 
     def float_layers(self, art, cfg):
         """How many quantized layers have no integer op in the file (LiteRT op names do not name layers)."""

@@ -18,8 +18,7 @@ from qatkit.base.batch import InputSpec
 from qatkit.base.extras import check_installed
 from qatkit.export import EXPORTERS, Artifact, Source, verify
 from qatkit.export.config import ExportConfig
-from qatkit.export.diagnose import compare_layers
-from qatkit.runner.diagnosis import FORMATS as DIAGNOSABLE
+from qatkit.export.formats import diagnosable
 from qatkit.runner.diagnosis import summary, write_diagnosis
 from qatkit.runner.outdir import inside
 from qatkit.runner.report import Report, Row
@@ -102,7 +101,7 @@ def verify_artifacts(
         )
         row.parity = _parity(row, art, task.metrics(art.source.outputs, targets), task, cfg, finite)
         if (
-            art.format in DIAGNOSABLE
+            art.format in diagnosable()
             and art.source.quantized
             and outputs is not None
             and (row.parity != "ok" or row.agreement != task.exact_agreement)
@@ -118,9 +117,9 @@ def _diagnose(art: Artifact, row: Row, spec: InputSpec, inputs: dict[str, torch.
     """Where a file that does not agree exactly with its source departs from it, layer by layer: the files
     under ``diagnose/`` and a line in the row's details (a file that cannot be diagnosed says why there)."""
     try:
-        diffs = compare_layers(art.source.model, art.path, spec, {k: v[:n] for k, v in inputs.items()})
-        md = write_diagnosis(art.path.parents[1], art.path, diffs)
-        row.details = {**(row.details or {}), "diagnose": f"{summary(diffs)} ({md.parent.name}/{md.name})"}
+        diag = EXPORTERS[art.format].diagnose(art.source.model, art.path, spec, {k: v[:n] for k, v in inputs.items()})
+        md = write_diagnosis(art.path.parents[1], art.path, diag)
+        row.details = {**(row.details or {}), "diagnose": f"{summary(diag)} ({md.parent.name}/{md.name})"}
     except (ValueError, RuntimeError, OSError) as e:
         row.details = {**(row.details or {}), "diagnose": f"not diagnosed: {_one_line(e)}"}
 

@@ -11,21 +11,22 @@ from pathlib import Path
 
 from qatkit.base.batch import rows as take_rows
 from qatkit.components.splits import all_inputs
-from qatkit.export.diagnose import LayerDiff, compare_layers
+from qatkit.export.diagnose import Diagnosis
+from qatkit.export.formats import EXPORTERS, diagnosable
 from qatkit.recipe import RecipeError
-from qatkit.runner.diagnosis import FORMATS, write_diagnosis
+from qatkit.runner.diagnosis import write_diagnosis
 from qatkit.runner.export_run import load_run, stage_model
 from qatkit.runner.outdir import run_lock
 
 
 def diagnose_run(
     run_dir: str | Path, variant: str | None = None, stage: str = "qat", fmt: str = "onnx", rows: int = 512
-) -> tuple[Path, list[LayerDiff]]:
+) -> tuple[Path, Diagnosis]:
     """Compare each quantized layer's output in ``RUN_DIR/<fmt>/<variant>_<stage>.<fmt>`` with the run's PyTorch
     model on ``rows`` test rows; returns the markdown file written and the per-layer differences."""
     run_dir = Path(run_dir)
-    if fmt not in FORMATS:
-        raise RecipeError(f"--format {fmt!r}: diagnose reads {', '.join(FORMATS)} files (LiteRT is not supported yet)")
+    if fmt not in diagnosable():
+        raise RecipeError(f"--format {fmt!r}: diagnose reads {', '.join(diagnosable())} files")
     if stage not in ("ptq", "qat"):
         raise RecipeError(f"--stage {stage!r}: allowed ptq, qat")
     recipe, data, _, fp32 = load_run(run_dir)
@@ -40,6 +41,6 @@ def diagnose_run(
     model = stage_model(run_dir, v, stage, copy.deepcopy(fp32))
     spec, x = all_inputs(data.test)
     x = take_rows(x, 0, min(rows, len(next(iter(x.values())))))
-    diffs = compare_layers(model, path, spec, x)
+    diag = EXPORTERS[fmt].diagnose(model, path, spec, x)
     with run_lock(run_dir):
-        return write_diagnosis(run_dir, path, diffs), diffs
+        return write_diagnosis(run_dir, path, diag), diag

@@ -4,50 +4,51 @@ of the difference by depth under ``RUN_DIR/diagnose/`` (written by ``qatkit diag
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from qatkit.export.diagnose import ONE_STEP, LayerDiff, diffs_to_dicts, first_over_one_step
+from qatkit.export.diagnose import ONE_STEP, Diagnosis, LayerDiff, first_over_one_step
 from qatkit.io.checkpoint import atomic_write_bytes
 from qatkit.runner.outdir import inside
 
-FORMATS = ("onnx",)
-"""Formats whose files can be diagnosed (LiteRT's per-tensor capture is not built yet)."""
 
-
-def summary(diffs: list[LayerDiff]) -> str:
+def summary(diag: Diagnosis) -> str:
     """One line: the first layer more than one step apart and why, or that every layer is within one step."""
-    first = first_over_one_step(diffs)
+    first = first_over_one_step(diag.layers)
     if first is None:
         return "every layer within one output step"
     return f"first layer more than one step apart: {first.name} ({first.max_steps:.3g} steps; {first.cause})"
 
 
-def write_diagnosis(run_dir: Path, path: Path, diffs: list[LayerDiff]) -> Path:
+def write_diagnosis(run_dir: Path, path: Path, diag: Diagnosis) -> Path:
     """The table, the numbers and the plot for one file under ``run_dir/diagnose/``."""
     folder = inside(run_dir, run_dir / "diagnose")
     folder.mkdir(exist_ok=True)
     stem = f"{path.stem}_{path.suffix.lstrip('.')}"
     md, js, png = (inside(run_dir, folder / f"{stem}.{ext}") for ext in ("md", "json", "png"))
-    atomic_write_bytes(md, ("\n".join(diagnosis_lines(path.name, diffs)) + "\n").encode())
-    atomic_write_bytes(js, json.dumps({"file": path.name, "layers": diffs_to_dicts(diffs)}, indent=1).encode())
-    plot_diagnosis(diffs, png, path.name)
+    atomic_write_bytes(md, ("\n".join(diagnosis_lines(path.name, diag)) + "\n").encode())
+    atomic_write_bytes(js, json.dumps({"file": path.name, **asdict(diag)}, indent=1).encode())
+    plot_diagnosis(diag.layers, png, path.name)
     return md
 
 
-def diagnosis_lines(file: str, diffs: list[LayerDiff]) -> list[str]:
+def diagnosis_lines(file: str, diag: Diagnosis) -> list[str]:
     """Markdown: the verdict (the first layer more than one step apart), then one row per layer in graph order."""
-    first = first_over_one_step(diffs)
+    first = first_over_one_step(diag.layers)
     verdict = (f"First layer more than one step apart: **{first.name}** ({first.max_steps:.3g} steps; {first.cause})."
                if first else "Every layer is within one output step of the PyTorch model.")  # fmt: skip
-    lines = [f"# Diagnose: {file}", "", verdict, "",
-             "Differences between the runtime and PyTorch on the same test rows, in units of each layer's output "
-             "quantization step (1.0 = one step).", "",
-             "| # | layer | max steps | mean steps | share > ½ step | cosine | step | cause |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for i, d in enumerate(diffs):
+    plain = any(d.plain_max_steps is not None for d in diag.layers)
+    lines = [f"# Diagnose: {file}", "", verdict, "", f"Runtime: {diag.runtime}.", *[f"- {n}" for n in diag.notes],
+             "", "Differences between the runtime and PyTorch on the same test rows, in units of each layer's output "
+             "quantization step (1.0 = one step)" + ("; *unfused*: the max with the runtime's graph optimisations "
+                                                     "off." if plain else "."), "",
+             "| # | layer | max steps | mean steps | share > ½ step | cosine | step |" + (" unfused |" if plain else "")
+             + " cause |", "|---|---|---|---|---|---|---|" + ("---|" if plain else "") + "---|"]  # fmt: skip
+    for i, d in enumerate(diag.layers):
         mark = "**" if d.max_steps > ONE_STEP else ""
+        extra = f" {d.plain_max_steps:.3g} |" if plain and d.plain_max_steps is not None else (" |" if plain else "")
         lines.append(f"| {i} | {d.name} | {mark}{d.max_steps:.3g}{mark} | {d.mean_steps:.3g} | {d.off_share:.2%} | "
-                     f"{d.cosine:.6f} | {d.step:.3g} ({d.step_kind}) | {d.cause} |")  # fmt: skip
+                     f"{d.cosine:.6f} | {d.step:.3g} ({d.step_kind}) |{extra} {d.cause} |")  # fmt: skip
     return lines
 
 
@@ -61,6 +62,8 @@ def plot_diagnosis(diffs: list[LayerDiff], path: Path, title: str) -> Path:
     xs = range(len(names))
     ax.plot(xs, [max(d.max_steps, 1e-3) for d in diffs], "o-", label="max")
     ax.plot(xs, [max(d.mean_steps, 1e-3) for d in diffs], "s--", label="mean")
+    if any(d.plain_max_steps is not None for d in diffs):
+        ax.plot(xs, [max(d.plain_max_steps or 0.0, 1e-3) for d in diffs], "^:", label="max, unfused")
     ax.axhline(1.0, color="red", linewidth=0.8, label="one step")
     ax.set_yscale("log")
     ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)

@@ -1,24 +1,31 @@
-"""report.md of a cross-validation run: the aggregate table, the per-fold table, criteria and parity by fold."""
+"""The tables of a cross-validation report (aggregate, per fold, criteria, failures) as header + rows of text,
+and report.md built from them (report.html renders the same tables: runner/fold_html.py)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+Table = tuple[list[str], list[list[str]]]
+"""A header and its rows, as text cells."""
 
-def folds_markdown(rep) -> str:
-    """The whole report.md of a FoldsReport."""
-    task, key = rep.task, rep.task.primary
-    scale = 100.0 if key not in task.lower_better else 1.0
+
+def scheme(rep) -> str:
+    """How the folds were made, in words."""
     cv = rep.recipe.get("cv") or {}
-    scheme = "leave-one-group-out" if cv.get("by") == "group" else f"stratified {cv.get('k')}-fold"
-    lines = [f"# qatkit cross-validation report: {rep.recipe.get('name', 'run')}", "",
-             (rep.recipe.get("description") or "").strip(), "",
-             f"{scheme}, {len(rep.reports)} folds (each fold's full report: `folds/<fold>/report.md`); "
-             f"{rep.seconds:.0f} s.", "", "## Aggregate", "",
-             f"Mean ± standard deviation over folds, and the worst fold, of {key}"
-             f"{' (%)' if scale == 100 else ''}, agreement with the source model and parity.", "",
-             f"| model / file | {key} mean ± std | worst (fold) | agreement mean | agreement worst (fold) | size | parity |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    return "leave-one-group-out" if cv.get("by") == "group" else f"stratified {cv.get('k')}-fold"
+
+
+def percent(rep) -> float:
+    """100 for a metric shown in percent (higher is better), else 1."""
+    return 100.0 if rep.task.primary not in rep.task.lower_better else 1.0
+
+
+def aggregate_table(rep) -> Table:
+    """Per model and file: mean ± std and the worst fold of the primary metric and of agreement, size, parity."""
+    task, key, scale = rep.task, rep.task.primary, percent(rep)
+    header = ["model / file", f"{key} mean ± std", "worst (fold)", "agreement mean", "agreement worst (fold)", "size",
+              "parity"]  # fmt: skip
+    rows = []
     for name, e in rep.aggregate.items():
         m = e["metrics"].get(key)
         shown = f"{scale * m['mean']:.2f} ± {scale * m['std']:.2f}" if m else "—"
@@ -29,41 +36,57 @@ def folds_markdown(rep) -> str:
         a_worst = f"{a_scale * a['worst']:.2f} ({a['worst_fold']})" if a else ""
         size = f"{e['size_bytes'] / 1024:.1f} KiB" if e.get("size_bytes") else ""
         parity = f"{e['parity_ok']}/{e['parity_of']} ok" if "parity_of" in e else ""
-        lines.append(f"| {name} | {shown} | {worst} | {agree} | {a_worst} | {size} | {parity} |")
-    lines += _per_fold(rep, key, scale) + _criteria(rep) + _failures(rep)
-    return "\n".join(lines) + "\n"
+        rows.append([name, shown, worst, agree, a_worst, size, parity])
+    return header, rows
 
 
-def _per_fold(rep, key: str, scale: float) -> list[str]:
-    table = rep.per_fold()
-    cols = list(rep.aggregate)
-    lines = ["", "## Per fold", "", f"{key}{' (%)' if scale == 100 else ''} of each model and file.", "",
-             "| fold | held out | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]  # fmt: skip
-    for f, values in table.items():
-        cells = [f"{scale * values[c]:.2f}" if c in values else "" for c in cols]
-        lines.append(f"| {f} | {rep.held_out.get(f, '')} | " + " | ".join(cells) + " |")
-    return lines
+def per_fold_table(rep) -> Table:
+    """The primary metric of each model and file in each fold, with what the fold held out."""
+    table, cols, scale = rep.per_fold(), list(rep.aggregate), percent(rep)
+    rows = [[f, rep.held_out.get(f, ""), *[f"{scale * values[c]:.2f}" if c in values else "" for c in cols]]
+            for f, values in table.items()]  # fmt: skip
+    return ["fold", "held out", *cols], rows
 
 
-def _criteria(rep) -> list[str]:
-    verdicts = rep.verdicts()
-    if not verdicts:
-        return []
+def criteria_table(rep) -> Table:
+    """Each criterion and where it applies: in how many folds it was met, and its worst fold."""
     by = defaultdict(list)
-    for v in verdicts:
+    for v in rep.verdicts():
         by[(v["criterion"], v["where"])].append(v)
-    lines = ["", "## Criteria", "", "| criterion | where | met in folds | worst value (fold) | limit |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    rows = []
     for (crit, where), vs in by.items():
         worst = max(vs, key=lambda v: v["value"])
         fmt = ".3f" if crit == "max_size_ratio" else ".2f"
-        lines.append(f"| {crit} | {where} | {sum(v['passed'] for v in vs)}/{len(vs)} | "
-                     f"{worst['value']:{fmt}} ({worst['fold']}) | {worst['limit']:g} |")  # fmt: skip
-    return lines
+        rows.append([crit, where, f"{sum(v['passed'] for v in vs)}/{len(vs)}",
+                     f"{worst['value']:{fmt}} ({worst['fold']})", f"{worst['limit']:g}"])  # fmt: skip
+    return ["criterion", "where", "met in folds", "worst value (fold)", "limit"], rows
 
 
-def _failures(rep) -> list[str]:
+def failure_lines(rep) -> list[str]:
+    """Every parity failure and missed criterion, naming the fold."""
     parity, crit = rep.failures()
-    if not parity and not crit:
-        return []
-    return ["", "## Failures", "", *[f"- parity: {p}" for p in parity], *[f"- criterion missed: {c}" for c in crit]]
+    return [*[f"parity: {p}" for p in parity], *[f"criterion missed: {c}" for c in crit]]
+
+
+def markdown_table(table: Table) -> list[str]:
+    header, rows = table
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def folds_markdown(rep) -> str:
+    """The whole report.md of a FoldsReport."""
+    key, scale = rep.task.primary, percent(rep)
+    unit = " (%)" if scale == 100 else ""
+    lines = [f"# qatkit cross-validation report: {rep.recipe.get('name', 'run')}", "",
+             (rep.recipe.get("description") or "").strip(), "",
+             f"{scheme(rep)}, {len(rep.reports)} folds (each fold's full report: `folds/<fold>/report.md`); "
+             f"{rep.seconds:.0f} s.", "", "## Aggregate", "",
+             f"Mean ± standard deviation over folds, and the worst fold, of {key}{unit}, agreement with the source "
+             "model and parity.", "", *markdown_table(aggregate_table(rep)),
+             "", "## Per fold", "", f"{key}{unit} of each model and file.", "", *markdown_table(per_fold_table(rep))]  # fmt: skip
+    crit = criteria_table(rep)
+    if crit[1]:
+        lines += ["", "## Criteria", "", *markdown_table(crit)]
+    if failure_lines(rep):
+        lines += ["", "## Failures", "", *[f"- {f}" for f in failure_lines(rep)]]
+    return "\n".join(lines) + "\n"

@@ -93,8 +93,11 @@ class FoldsReport:
                 for f, rep in self.reports.items()}  # fmt: skip
 
     def write(self, out: Path) -> None:
+        from qatkit.runner.fold_html import write_folds_html
+
         atomic_write_bytes(out / "report.json", json.dumps(self.to_dict(), indent=2).encode())
         atomic_write_bytes(out / "report.md", self.to_markdown().encode())
+        write_folds_html(self, out)
 
     def to_markdown(self) -> str:
         from qatkit.runner.fold_markdown import folds_markdown

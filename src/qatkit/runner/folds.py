@@ -77,6 +77,7 @@ def run_folds(
         rep.seconds = time.perf_counter() - t0
         rep.write(out)
     console.print(f"cross-validation report: {out / 'report.md'}")
+    console.print(f"page with plots: {out / 'report.html'}")
     if check:
         _check(rep, recipe, console)
     return rep

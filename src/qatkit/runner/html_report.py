@@ -34,15 +34,10 @@ window.addEventListener('load', () => {
 
 def write_html(report: Report, out: Path) -> Path:
     """``out/report.html`` for ``report`` (the run folder supplies the training CSVs and plots on disk)."""
-    name = html.escape(str(report.recipe.get("name", "run")))
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>qatkit report: {name}</title>",
-             f"<style>{STYLE}</style></head><body><h1>qatkit report: {name}</h1>",
-             *verdict(report), *rows_table(report), "<h2>Plots</h2>"]  # fmt: skip
-    for plot, caption, png in plots(report, out):
-        parts.append(figure(plot, caption, png))
-    parts += [CHECK_SCRIPT, "</body></html>"]
+    parts = [*verdict(report), *rows_table(report), "<h2>Plots</h2>"]
+    parts += [figure(plot, caption, png) for plot, caption, png in plots(report, out)]
     path = out / "report.html"
-    atomic_write_bytes(path, "\n".join(parts).encode())
+    atomic_write_bytes(path, page(f"qatkit report: {report.recipe.get('name', 'run')}", parts).encode())
     return path
 
 
@@ -72,10 +67,21 @@ def verdict(report: Report) -> list[str]:
 
 def rows_table(report: Report) -> list[str]:
     """Every stage and file with all columns of report.md."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in report.header())
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
-                   for cells in report.table_rows())  # fmt: skip
-    return ["<h2>Stages and files</h2>", f"<table><tr>{head}</tr>{body}</table>"]
+    return ["<h2>Stages and files</h2>", table(report.header(), report.table_rows())]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of text cells (escaped)."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def page(title: str, body: list[str]) -> str:
+    """A whole self-contained page: the style, ``body`` and the load check."""
+    t = html.escape(title)
+    return "\n".join([f"<!doctype html><html><head><meta charset='utf-8'><title>{t}</title>",
+                      f"<style>{STYLE}</style></head><body><h1>{t}</h1>", *body, CHECK_SCRIPT, "</body></html>"])  # fmt: skip
 
 
 def figure(plot: str, caption: str, png: bytes) -> str:
@@ -103,7 +109,7 @@ def plots(report: Report, out: Path) -> list[tuple[str, str, bytes]]:
     return found
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     """PNG bytes of ``fig`` with fixed margins (matplotlib's automatic layout costs more than the drawing)."""
     buf = io.BytesIO()
     fig.subplots_adjust(left=0.11, right=0.9, bottom=0.24, top=0.9, wspace=0.3)
@@ -146,50 +152,62 @@ def training_png(report: Report, out: Path) -> bytes | None:
     ax.set_xlabel("epoch (stages in order)")
     ax.set_ylabel("train loss", color="tab:blue")
     ax2.set_ylabel(val_key or "validation", color="tab:orange")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def metric_size_png(report: Report) -> bytes | None:
     """Headline metric (y) against size in KiB (x, log), one labelled point per row with both."""
+    key = report.task.primary
+    pts = [(r.size_bytes / 1024, r.metrics[key], 0.0, f"{r.label} {r.format} {r.precision or ''}".strip())
+           for r in report.rows if r.size_bytes and r.metrics and key in r.metrics]  # fmt: skip
+    return metric_size_plot(pts, key) if pts else None
+
+
+def metric_size_plot(pts: list[tuple[float, float, float, str]], key: str) -> bytes:
+    """Labelled points (size KiB, metric, its error bar, label) on a log size axis."""
     from matplotlib.figure import Figure
 
-    key = report.task.primary
-    pts = [(r.size_bytes / 1024, r.metrics[key], f"{r.label} {r.format} {r.precision or ''}".strip())
-           for r in report.rows if r.size_bytes and r.metrics and key in r.metrics]  # fmt: skip
-    if not pts:
-        return None
     fig = Figure(figsize=(8, 4.2))
     ax = fig.add_subplot()
-    for x, y, label in pts:
-        ax.plot([x], [y], "o")
+    for x, y, err, label in pts:
+        ax.errorbar([x], [y], yerr=[err] if err else None, fmt="o", capsize=3)
         ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("size (KiB)")
     ax.set_ylabel(key)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def recall_png(report: Report) -> bytes | None:
     """Per-class recall bars: the float model and every integer file that ran."""
-    from matplotlib.figure import Figure
-
-    rows = [r for r in report.rows if r.metrics and "per_class_recall" in r.metrics
-            and (r.variant == "fp32" and r.runtime == "pytorch" or r.precision in ("int8", "packed-int4"))]  # fmt: skip
+    rows = [r for r in report.rows if r.metrics and "per_class_recall" in r.metrics and recall_shown(r)]
     if not rows:
         return None
     n = len(rows[0].metrics["per_class_recall"])
     names = report.class_names or [str(i) for i in range(n)]
-    fig = Figure(figsize=(max(6.0, 0.5 * n * len(rows) / 3 + 3), 3.8))
+    return recall_plot([(f"{r.label} {r.format}", r.metrics["per_class_recall"]) for r in rows], names[:n])
+
+
+def recall_shown(r) -> bool:
+    """Rows whose per-class recall is plotted: the float model and integer files."""
+    return r.variant == "fp32" and r.runtime == "pytorch" or r.precision in ("int8", "packed-int4")
+
+
+def recall_plot(series: list[tuple[str, list[float]]], names: list[str]) -> bytes:
+    """Grouped bars: one group per class, one bar per (label, recall per class)."""
+    from matplotlib.figure import Figure
+
+    n = len(names)
+    fig = Figure(figsize=(max(6.0, 0.5 * n * len(series) / 3 + 3), 3.8))
     ax = fig.add_subplot()
-    width = 0.8 / len(rows)
-    for j, r in enumerate(rows):
-        xs = [i + j * width for i in range(n)]
-        ax.bar(xs, r.metrics["per_class_recall"], width, label=f"{r.label} {r.format}")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(n)], names[:n], fontsize=7, rotation=30)
+    width = 0.8 / len(series)
+    for j, (label, recall) in enumerate(series):
+        ax.bar([i + j * width for i in range(n)], recall, width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(n)], names, fontsize=7, rotation=30)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("recall")
     ax.legend(fontsize=6)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def deployed(report: Report):
@@ -205,15 +223,20 @@ def deployed(report: Report):
 
 def confusion_png(report: Report) -> bytes | None:
     """The float model's confusion matrix next to the deployed file's, as counts with a shared colour scale."""
-    from matplotlib.figure import Figure
-
     fp32, chosen = report.find("fp32", "fp32", "pytorch"), deployed(report)
     pairs = [(f"fp32 {r.format}" if r is fp32 else f"{r.label} {r.format} {r.precision}", r.metrics["confusion"])
              for r in (fp32, chosen) if r is not None and r.metrics and "confusion" in r.metrics]  # fmt: skip
     if not pairs:
         return None
     n = len(pairs[0][1])
-    names = (report.class_names or [str(i) for i in range(n)])[:n]
+    return confusion_plot(pairs, (report.class_names or [str(i) for i in range(n)])[:n])
+
+
+def confusion_plot(pairs: list[tuple[str, list[list[int]]]], names: list[str]) -> bytes:
+    """Confusion matrices (title, counts) side by side, one colour scale."""
+    from matplotlib.figure import Figure
+
+    n = len(names)
     top = max(max(max(row) for row in m) for _, m in pairs) or 1
     fig = Figure(figsize=(4.2 * len(pairs) + 0.5, 4.0))
     for k, (title, m) in enumerate(pairs):
@@ -228,7 +251,7 @@ def confusion_png(report: Report) -> bytes | None:
         ax.set_yticks(range(n), names, fontsize=6)
         ax.set_xlabel("predicted")
         ax.set_title(title, fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def layer_error_png(report: Report) -> bytes | None:
@@ -253,4 +276,4 @@ def layer_error_png(report: Report) -> bytes | None:
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=6)
     ax.set_ylabel("RMS error / RMS weight")
     ax.legend(fontsize=6)
-    return _png(fig)
+    return png_bytes(fig)
