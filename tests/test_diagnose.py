@@ -55,7 +55,7 @@ def test_an_unaltered_export_stays_within_one_step(exported):
     assert all(d.plain_max_steps is not None and d.plain_max_steps <= 1.001 for d in diffs)  # unfused too
 
 
-@pytest.mark.parametrize("layer", ["features.3", "head"])
+@pytest.mark.parametrize("layer", ["features.0", "features.3", "head"])
 def test_an_altered_scale_is_named_first_with_its_cause(exported, tmp_path, layer):
     model, x, path = exported
     diffs = compare_layers(model, altered(path, tmp_path, layer, 1.5), InputSpec.of(x), {"input": x}).layers
@@ -65,6 +65,9 @@ def test_an_altered_scale_is_named_first_with_its_cause(exported, tmp_path, laye
     before = diffs[: [d.name for d in diffs].index(layer)]
     assert all(d.max_steps <= 1.001 for d in before)  # the layers before it still agree
     assert first.plain_max_steps > 1.001  # the file itself differs: unfused too
+    assert first.own_max_steps > 1.001  # fed the runtime's own input, the altered layer alone still differs
+    after = diffs[[d.name for d in diffs].index(layer) + 1 :]
+    assert all(d.own_max_steps <= 1.001 for d in after)  # the layers after it only inherit the difference
 
 
 def test_a_file_without_the_layer_map_is_refused(exported, tmp_path):

@@ -63,7 +63,7 @@ def test_every_quantized_layer_is_found_and_agrees_within_one_step(exported):
     assert any("XNNPACK" in n for n in diag.notes)
 
 
-@pytest.mark.parametrize("layer", ["features.3", "head"])
+@pytest.mark.parametrize("layer", ["features.0", "features.3", "head"])
 def test_an_altered_scale_is_named_first_with_its_cause(exported, tmp_path, layer):
     model, x, path = exported
     scope = layer_scopes(model, InputSpec.of(x))[layer]
@@ -71,6 +71,9 @@ def test_an_altered_scale_is_named_first_with_its_cause(exported, tmp_path, laye
     first = first_over_one_step(diag.layers)
     assert first is not None and first.name == layer
     assert "weight scale differs" in first.cause and "50%" in first.cause
+    assert first.own_max_steps > 1.001  # fed the runtime's own input, the altered layer alone still differs
+    after = diag.layers[[d.name for d in diag.layers].index(layer) + 1 :]
+    assert all(d.own_max_steps <= 1.001 for d in after)  # the layers after it only inherit the difference
 
 
 def test_a_file_without_tensor_names_is_refused(exported, tmp_path):

@@ -9,6 +9,7 @@ measures each layer's difference in units of its output quantization step (1.0 =
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from qatkit.nn.modules import QuantModule
 
 ONE_STEP = 1.0 + 1e-3
 """More than this many steps apart is a real difference (exactly one step shows as 1.000003 in float32)."""
+ADDS = ("Add", "Sum", "ADD")
+"""Op types of a residual add (ONNX, LiteRT)."""
 LAYER_MAP_KEY = "qatkit.layers"
 """Model-level metadata key: JSON object {layer name: {"input": value read, "output": value produced}}, in graph
 order."""
@@ -83,23 +86,35 @@ class LayerDiff:
     cause: str = ""
     plain_max_steps: float | None = None
     """The max difference with the runtime's graph optimisations off (None: not measured)."""
+    own_max_steps: float | None = None
+    """The max difference of the PyTorch layer fed the runtime's own input to it: the layer's own part (None:
+    not measured)."""
 
 
-def _step(module: nn.Module, ref: torch.Tensor) -> tuple[float, str]:
+def _step(module: nn.Module, ref: torch.Tensor, file_step: float | None = None) -> tuple[float, str]:
     fq = getattr(module, "output_quant", None)
     if fq is not None and bool(fq.fake_quant_on):
         return float(fq.scale.detach().reshape(-1)[0]), "output scale"
+    if file_step:
+        return file_step, "file's tensor scale"
     span = float(ref.max() - ref.min()) if ref.numel() else 0.0
     return max(span / 255.0, 1e-12), "range/255"
 
 
-def torch_layer_outputs(model: nn.Module, layers: list[str], batches: list) -> dict[str, torch.Tensor]:
-    """Each named layer's output over ``batches`` (inputs as the model takes them), concatenated along rows."""
+def torch_layer_outputs(
+    model: nn.Module, layers: list[str], batches: list, input_shapes: dict[str, tuple] | None = None
+) -> dict[str, torch.Tensor]:
+    """Each named layer's output over ``batches`` (inputs as the model takes them), concatenated along rows;
+    ``input_shapes`` (if given) gets each layer's input shape per row."""
     modules = dict(model.named_modules())
     got: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-    # a copy: an in-place activation after the layer (ReLU6(inplace=True)) would change a kept reference
-    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: got[n].append(o.detach().float().clone()))
-             for n in layers]  # fmt: skip
+    shapes = {} if input_shapes is None else input_shapes
+
+    def hook(m, i, o, n):
+        got[n].append(o.detach().float().clone())  # a copy: an in-place ReLU6 after the layer would change it
+        shapes[n] = tuple(i[0].shape[1:])
+
+    hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in layers]
     try:
         with torch.no_grad():
             model.eval()
@@ -121,8 +136,9 @@ def runtime_layer_outputs(
 
     proto = onnx.load(str(path))
     outputs = {o.name for o in proto.graph.output}
+    fed = {i.name for i in proto.graph.input}
     for v in values.values():
-        if v not in outputs:
+        if v not in outputs and v not in fed:
             proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(v))
             outputs.add(v)
     opts = ort.SessionOptions()
@@ -130,11 +146,13 @@ def runtime_layer_outputs(
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    names = list(values.values())
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    names = [v for v in dict.fromkeys(values.values()) if v not in fed]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in values.values()}
     for f in feeds:
         for n, arr in zip(names, sess.run(names, f), strict=True):
             parts[n].append(arr)
+        for n in fed & set(parts):
+            parts[n].append(f[n])
     return {layer: np.concatenate(parts[v]) for layer, v in values.items()}
 
 
@@ -159,6 +177,13 @@ class LayerContext:
     """The op producing the layer's input (behind its input quantizer): ``Add`` for a residual add."""
     plain: np.ndarray | None = None
     """The layer's output with the runtime's graph optimisations (fusion into integer kernels) off."""
+    step: float | None = None
+    """The quantization step the file stores the layer's output with (for layers without an output quantizer)."""
+    runtime_input: np.ndarray | None = None
+    """The layer's input as the runtime computed it (in PyTorch's layout): fed to the PyTorch layer alone, it
+    separates the layer's own difference from what it inherits."""
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """An activation the file's op applies after the layer (LiteRT fuses ReLU/ReLU6 into it)."""
 
 
 def batches_and_feeds(spec: InputSpec, inputs: dict[str, torch.Tensor], batch_size: int) -> tuple[list, list]:
@@ -183,6 +208,8 @@ def compare_layers(
     values = {k: v["output"] for k, v in layer_map.items() if isinstance(modules.get(k), QuantModule)}
     got = runtime_layer_outputs(path, values, feeds)
     plain = runtime_layer_outputs(path, values, feeds, optimize=False)
+    # a session of its own: a value read out is not fused, so reading inputs would change the measured layers
+    inputs_read = runtime_layer_outputs(path, {k: layer_map[k].get("input", "") for k in values}, feeds)
     scales = weight_scales(proto)
     producers = {o: n for n in proto.graph.node for o in n.output}
     context = {}
@@ -190,20 +217,26 @@ def compare_layers(
         fed_by = producers.get(layer_map[name].get("input", ""))
         if fed_by is not None and fed_by.op_type == "QuantizeLinear":  # the layer's input quantizer: look behind it
             fed_by = producers.get(fed_by.input[0])
-        context[name] = LayerContext(scales.get(name), fed_by.op_type if fed_by else None, plain[name])
-    layers = layer_diffs(model, torch_layer_outputs(model, list(values), batches), got, context)
+        context[name] = LayerContext(scales.get(name), fed_by.op_type if fed_by else None, plain[name],
+                                     runtime_input=inputs_read[name])  # fmt: skip
+    layers = layer_diffs(model, batches, got, context)
     return Diagnosis(layers, "ONNX Runtime, CPU, all graph optimisations (as verification runs it)")
 
 
 def layer_diffs(
-    model: nn.Module, ref: dict[str, torch.Tensor], got: dict[str, np.ndarray], context: dict[str, LayerContext]
+    model: nn.Module, batches: list, got: dict[str, np.ndarray], context: dict[str, LayerContext]
 ) -> list[LayerDiff]:
-    """Each layer of ``got`` (runtime outputs, reshaped to PyTorch's layout) against ``ref``, in that order."""
+    """Each layer of ``got`` (runtime outputs, in PyTorch's layout) against the PyTorch model on ``batches``, in
+    that order; where the runtime's input to a layer is known, also the layer alone on that input."""
     modules = dict(model.named_modules())
+    in_shapes: dict[str, tuple] = {}
+    ref = torch_layer_outputs(model, list(got), batches, in_shapes)
     diffs: list[LayerDiff] = []
     for name, values in got.items():
-        r, ctx = ref[name], context.get(name, LayerContext())
-        step, kind = _step(modules[name], r)
+        ctx = context.get(name, LayerContext())
+        act = ctx.activation or (lambda t: t)
+        r = act(ref[name])
+        step, kind = _step(modules[name], r, ctx.step)
         g = _as_ref(values, r)
         d = (g - r).abs() / step
         cos = (
@@ -212,8 +245,13 @@ def layer_diffs(
             else 1.0
         )
         plain = None if ctx.plain is None else float(((_as_ref(ctx.plain, r) - r).abs() / step).max())
+        own = None
+        if ctx.runtime_input is not None and ctx.runtime_input.size == r.shape[0] * int(np.prod(in_shapes[name])):
+            x = torch.from_numpy(np.asarray(ctx.runtime_input, np.float32)).reshape(-1, *in_shapes[name])
+            with torch.no_grad():
+                own = float(((g - act(modules[name](x)).reshape(r.shape)).abs() / step).max())
         diffs.append(LayerDiff(name, step, kind, float(d.max()), float(d.mean()), cos,
-                               float((d > 0.5).float().mean()), plain_max_steps=plain))  # fmt: skip
+                               float((d > 0.5).float().mean()), plain_max_steps=plain, own_max_steps=own))  # fmt: skip
         diffs[-1].cause = cause(diffs, modules[name], ctx.file_scale, ctx.input_op)
     return diffs
 
@@ -255,17 +293,31 @@ def cause(diffs: list[LayerDiff], module: nn.Module, file_scale: np.ndarray | No
     fused = d.plain_max_steps is not None and d.plain_max_steps <= ONE_STEP
     unfused = (f"; with the runtime's graph optimisations off it is within {d.plain_max_steps:.3g} steps: the "
                "fused integer kernels are the source" if fused else "")  # fmt: skip
+    own = d.own_max_steps
+    if own is not None and own <= ONE_STEP:  # the layer is right on the runtime's input: the input differs
+        given = f"; fed the runtime's own input, the layer is within {own:.3g} steps"
+        if input_op in ADDS:
+            return ("its input is a residual add: one-step differences of the integer kernels before it add up "
+                    f"there and are requantized{given}")  # fmt: skip
+        src = next((p for p in reversed(diffs[:-1]) if p.max_steps >= 0.99), None)
+        return (f"inherits the differences of earlier layers{f' ({src.name}: {src.max_steps:.3g} steps)' if src else ''}"
+                f", which its weights amplify{given}")  # fmt: skip
+    if own is not None:
+        mine = f"{own:.3g} steps apart even on the runtime's own input"
+        if fused:
+            return f"this layer's own integer kernel: {mine}{unfused}"
+        if d.plain_max_steps is not None:
+            return (f"this layer itself: {mine}, {d.plain_max_steps:.3g} steps also with the runtime's optimisations "
+                    "off: the file computes it differently (an export mismatch), not kernel rounding")  # fmt: skip
+        return f"this layer itself: {mine}: the runtime's kernel (requantization or a fused op) computes it differently"
     upstream = next((p for p in reversed(diffs[:-1]) if p.max_steps > ONE_STEP), None)
     if upstream is not None:
         return f"inherits the difference of {upstream.name}{unfused}"
-    if input_op in ("Add", "Sum", "ADD"):
+    if input_op in ADDS:
         return ("its input is a residual add: one-step differences of the integer kernels before it add up there "
                 f"and are requantized{unfused}")  # fmt: skip
     if fused:
         return f"an op the runtime fused into an integer kernel rounds differently{unfused}"
-    if d.plain_max_steps is not None:
-        return (f"the file's graph computes this layer differently from PyTorch ({d.plain_max_steps:.3g} steps "
-                "also with the runtime's optimisations off): an export mismatch, not kernel rounding")  # fmt: skip
     if d.step_kind == "output scale":
         return "several steps apart with matching inputs: requantization or an op the runtime fused differently"
     return "the runtime computes this layer differently (a fused or reordered op)"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qatkit.base.batch import InputSpec, adapt
-from qatkit.export.diagnose import Diagnosis, LayerContext, layer_diffs, torch_layer_outputs
+from qatkit.export.diagnose import Diagnosis, LayerContext, layer_diffs
 from qatkit.export.qdq import QDQLayer
 from qatkit.export.tflite import COMPUTE_OPS, TFLiteRunner
 from qatkit.nn.modules import QuantModule
@@ -79,27 +79,42 @@ def compare_layers_tflite(
         raise ValueError(f"{Path(path).name}: no layer found by its tensor names (written with strip_names, or "
                          "not by qatkit): export it again with names kept to diagnose it")  # fmt: skip
     x = {k: v.numpy() for k, v in inputs.items()}
-    captured = runner.capture(x, [tensors[op["outputs"][0]] for op in ops.values()])
     producers = {o: op for op in runner.interpreter._get_ops_details() for o in op["outputs"]}
+    wanted = [op["outputs"][0] for op in ops.values()] + [_layer_input(op, producers) for op in ops.values()]
+    captured = runner.capture(x, [tensors[i] for i in wanted])
+    fused = fused_activations(path)
     got, context = {}, {}
-    for (name, op), values in zip(ops.items(), captured, strict=True):
-        got[name] = np.moveaxis(values, -1, 1) if op["op_name"] in CHANNELS_LAST else values
+    for (name, op), values, runtime_in in zip(ops.items(), captured[: len(ops)], captured[len(ops) :], strict=True):
+        got[name] = _channels_first(values, op)
         weight = tensors[op["inputs"][1]]["quantization_parameters"]["scales"] if len(op["inputs"]) > 1 else None
+        out_scale = float(tensors[op["outputs"][0]]["quantization"][0]) or None
         fed_by = producers.get(op["inputs"][0])
         if fed_by is not None and fed_by["op_name"] == "QUANTIZE":
             fed_by = producers.get(fed_by["inputs"][0])
+        act = FUSED_ACTIVATIONS.get(fused.get(op["index"], 0))
         context[name] = LayerContext(weight if weight is not None and len(weight) else None,
-                                     fed_by["op_name"] if fed_by else None)  # fmt: skip
-    ref = torch_layer_outputs(model, list(got), [spec.structured(inputs)])
-    fused = fused_activations(path)
+                                     fed_by["op_name"] if fed_by else None, step=out_scale,
+                                     runtime_input=_channels_first(runtime_in, op), activation=act[1] if act else None)  # fmt: skip
+    layers = layer_diffs(model, [spec.structured(inputs)], got, context)
     notes = [_delegate_note(path, x, runner.capture(x, [runner.output])[0])]
+    applied: dict[str, list[str]] = {}
     for name, op in ops.items():
         if fused.get(op["index"]) in FUSED_ACTIVATIONS:
-            act, fn = FUSED_ACTIVATIONS[fused[op["index"]]]
-            ref[name] = fn(ref[name])
-            notes.append(f"{name}: the file's op applies the following {act}; PyTorch's output is compared after it")
-    layers = layer_diffs(model, ref, got, context)
+            applied.setdefault(FUSED_ACTIVATIONS[fused[op["index"]]][0], []).append(name)
+    for act, names in applied.items():
+        notes.append(f"{len(names)} layers' ops apply the following {act} (compared after it in PyTorch): "
+                     f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}")  # fmt: skip
     return Diagnosis(layers, "LiteRT builtin kernels (the XNNPACK delegate keeps no intermediate tensors)", notes)
+
+
+def _channels_first(values: np.ndarray, op: dict) -> np.ndarray:
+    return np.moveaxis(values, -1, 1) if op["op_name"] in CHANNELS_LAST else values
+
+
+def _layer_input(op: dict, producers: dict[int, dict]) -> int:
+    """The tensor holding a layer's input: the compute op's first input, before an explicit PAD."""
+    fed_by = producers.get(op["inputs"][0])
+    return fed_by["inputs"][0] if fed_by is not None and fed_by["op_name"] in ("PAD", "PADV2") else op["inputs"][0]
 
 
 def fused_activations(path: str | Path) -> dict[int, int]:

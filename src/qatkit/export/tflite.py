@@ -269,12 +269,14 @@ class TFLiteRunner:
 
     def capture(self, x, tensors: list[dict]) -> list[np.ndarray]:
         """Float values of ``tensors`` (tensor details) over every row of ``x``, as :meth:`run` feeds them
-        (needs ``keep_tensors``)."""
+        (needs ``keep_tensors``), concatenated along the first axis (a tensor whose first axis is not the batch,
+        e.g. tokens x features, stays whole: only a padded tail chunk is cut)."""
         got: list[list[np.ndarray]] = [[] for _ in tensors]
         for chunk, k in self._chunks(x):
             self._call(chunk)
             for part, t in zip(got, tensors, strict=True):
-                part.append(self.float_tensor(t)[:k])
+                v = self.float_tensor(t)
+                part.append(v[:k] if k < self.batch else v)
         return [np.concatenate(p) for p in got]
 
     def _chunks(self, x):

@@ -32,24 +32,35 @@ def write_diagnosis(run_dir: Path, path: Path, diag: Diagnosis) -> Path:
     return md
 
 
+OPTIONAL = {"plain_max_steps": ("unfused", "the max with the runtime's graph optimisations off"),
+            "own_max_steps": ("alone", "the max of the PyTorch layer fed the runtime's own input to it (the "
+                              "layer's own part; the rest is inherited)")}  # fmt: skip
+"""Per-layer numbers some runtimes give: column title and what it means."""
+
+
 def diagnosis_lines(file: str, diag: Diagnosis) -> list[str]:
     """Markdown: the verdict (the first layer more than one step apart), then one row per layer in graph order."""
     first = first_over_one_step(diag.layers)
     verdict = (f"First layer more than one step apart: **{first.name}** ({first.max_steps:.3g} steps; {first.cause})."
                if first else "Every layer is within one output step of the PyTorch model.")  # fmt: skip
-    plain = any(d.plain_max_steps is not None for d in diag.layers)
+    extra = [k for k in OPTIONAL if any(getattr(d, k) is not None for d in diag.layers)]
+    meaning = "".join(f"; *{OPTIONAL[k][0]}*: {OPTIONAL[k][1]}" for k in extra)
     lines = [f"# Diagnose: {file}", "", verdict, "", f"Runtime: {diag.runtime}.", *[f"- {n}" for n in diag.notes],
              "", "Differences between the runtime and PyTorch on the same test rows, in units of each layer's output "
-             "quantization step (1.0 = one step)" + ("; *unfused*: the max with the runtime's graph optimisations "
-                                                     "off." if plain else "."), "",
-             "| # | layer | max steps | mean steps | share > ½ step | cosine | step |" + (" unfused |" if plain else "")
-             + " cause |", "|---|---|---|---|---|---|---|" + ("---|" if plain else "") + "---|"]  # fmt: skip
+             f"quantization step (1.0 = one step){meaning}.", "",
+             "| # | layer | max steps | mean steps | share > ½ step | cosine | step | "
+             + "".join(f"{OPTIONAL[k][0]} | " for k in extra) + "cause |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(extra) + "---|"]  # fmt: skip
     for i, d in enumerate(diag.layers):
         mark = "**" if d.max_steps > ONE_STEP else ""
-        extra = f" {d.plain_max_steps:.3g} |" if plain and d.plain_max_steps is not None else (" |" if plain else "")
+        cells = "".join(f" {_num(getattr(d, k))} |" for k in extra)
         lines.append(f"| {i} | {d.name} | {mark}{d.max_steps:.3g}{mark} | {d.mean_steps:.3g} | {d.off_share:.2%} | "
-                     f"{d.cosine:.6f} | {d.step:.3g} ({d.step_kind}) |{extra} {d.cause} |")  # fmt: skip
+                     f"{d.cosine:.6f} | {d.step:.3g} ({d.step_kind}) |{cells} {d.cause} |")  # fmt: skip
     return lines
+
+
+def _num(v: float | None) -> str:
+    return "" if v is None else f"{v:.3g}"
 
 
 def plot_diagnosis(diffs: list[LayerDiff], path: Path, title: str) -> Path:
@@ -62,8 +73,9 @@ def plot_diagnosis(diffs: list[LayerDiff], path: Path, title: str) -> Path:
     xs = range(len(names))
     ax.plot(xs, [max(d.max_steps, 1e-3) for d in diffs], "o-", label="max")
     ax.plot(xs, [max(d.mean_steps, 1e-3) for d in diffs], "s--", label="mean")
-    if any(d.plain_max_steps is not None for d in diffs):
-        ax.plot(xs, [max(d.plain_max_steps or 0.0, 1e-3) for d in diffs], "^:", label="max, unfused")
+    for key, marker in zip(OPTIONAL, ("^:", "v:"), strict=True):
+        if any(getattr(d, key) is not None for d in diffs):
+            ax.plot(xs, [max(getattr(d, key) or 0.0, 1e-3) for d in diffs], marker, label=f"max, {OPTIONAL[key][0]}")
     ax.axhline(1.0, color="red", linewidth=0.8, label="one step")
     ax.set_yscale("log")
     ax.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=7)
