@@ -17,12 +17,10 @@ from qatkit.runner.fold_report import FoldsReport, row_key
 def write_folds_html(rep: FoldsReport, out: Path) -> Path:
     """``out/report.html`` for a cross-validation run (fold pages stay at ``out/folds/<fold>/report.html``)."""
     key = rep.task.primary
-    header, rows = tables.per_fold_table(rep)
-    linked = [[f"{r[0]} (folds/{r[0]}/report.html)", *r[1:]] for r in rows]
     parts = [*verdict(rep), "<h2>Aggregate</h2>",
              f"<p>{html.escape(tables.scheme(rep))}, {len(rep.reports)} folds, {rep.seconds:.0f} s. Mean ± standard "
              f"deviation over folds and the worst fold of {html.escape(key)}, agreement with the source model and "
-             "parity.</p>", h.table(*tables.aggregate_table(rep)), "<h2>Per fold</h2>", h.table(header, linked),
+             "parity.</p>", h.table(*tables.aggregate_table(rep)), "<h2>Per fold</h2>", h.table(*tables.per_fold_table(rep)),
              "<p>Each fold's own page: " + ", ".join(f"<a href='folds/{html.escape(f)}/report.html'>{html.escape(f)}"
                                                      "</a>" for f in rep.reports) + "</p>"]  # fmt: skip
     crit = tables.criteria_table(rep)
