@@ -92,8 +92,7 @@ RECIPE = {
     "model": {"name": "mlp", "args": {"hidden": [16]}},
     "fp32": {"train": {"epochs": 3, "lr": 0.01, "logging": {"tensorboard": False}}},
     "variants": [{"name": "w8", "quant": "int8", "ptq": {"calib_batches": 2},
-                  "qat": {"epochs": 2, "lr": 0.001, "logging": {"tensorboard": False},
-                          "checkpoint": {"every_steps": 1}}}],
+                  "qat": {"epochs": 2, "lr": 0.001, "logging": {"tensorboard": False}}}],
     "export": {"formats": ["onnx"], "latency_batches": [1], "latency_seconds": 0.02},
     "cv": {"by": "group"},
     "criteria": {"max_qat_drop": 5, "max_export_drop": 2, "no_collapse": True},
@@ -142,7 +141,7 @@ def test_aggregate_report_matches_the_folds_reports(tmp_path):
     assert attrs.get("loaded") == "yes" and attrs["plots"] == "4" and attrs["broken"] == ""
 
     # a criterion missed on any fold: the report is written, the exit status is 1, the line names the fold
-    write_recipe(tmp_path, criteria={"max_size_ratio": 0.01})
+    write_recipe(tmp_path, criteria={"max_size_ratio": 0.01}, cv={"by": "group", "folds": ["group-s1", "group-s2"]})
     r = qatkit_cli("run", "cv.yaml", "--out", "out2", "--no-progress", cwd=tmp_path)
     assert r.returncode == 1 and "criteria missed: fold group-s1: max_size_ratio w8 ptq onnx int8" in r.stderr
     assert "criterion missed" in (tmp_path / "out2" / "report.md").read_text()
@@ -157,7 +156,8 @@ def final_tensors(out):
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.slow
 def test_kill_mid_fold_then_resume_gives_the_uninterrupted_report(tmp_path):
-    write_recipe(tmp_path)
+    qat = {**RECIPE["variants"][0]["qat"], "checkpoint": {"every_steps": 1}}  # a step checkpoint to resume from
+    write_recipe(tmp_path, variants=[{**RECIPE["variants"][0], "qat": qat}])
     ref = qatkit_cli("run", "cv.yaml", "--out", "ref", "--no-progress", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr
     cmd = [sys.executable, "-m", "qatkit", "run", "cv.yaml", "--out", "cut", "--no-progress"]

@@ -30,6 +30,19 @@ def qatkit(*args):
     return r
 
 
+def cli(*args):
+    """The command run in this process (the chain is about what each command does; the entry point and its
+    one-line errors are tested through real subprocesses in test_cli_errors_are_one_line)."""
+    from typer.testing import CliRunner
+
+    from qatkit.cli.main import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return r
+
+
 @pytest.fixture(scope="module")
 def kd_cache_dir(tiny_lm_dir, tmp_path_factory):
     model, tok = load_causal_lm(tiny_lm_dir)
@@ -129,36 +142,36 @@ def test_cli_chain_kd_cache_train_convert_snap_generate_plot(tiny_lm_dir, tmp_pa
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(SAMPLE_TEXT * 3)
     cache, run = tmp_path / "cache", tmp_path / "run"
-    r = qatkit("kd-cache", "--teacher", tiny_lm_dir, "--corpus", corpus, "--out", cache, "--seq-len", 24,
+    r = cli("kd-cache", "--teacher", tiny_lm_dir, "--corpus", corpus, "--out", cache, "--seq-len", 24,
                "--top-k", 6, "--negatives", 6, "--eval-fraction", 0.2)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     assert json.loads((cache / "manifest.json").read_text())["top_k"] == 6
-    r = qatkit("lm-train", "--cache-dir", cache, "--output-dir", run / "q4", "--model", tiny_lm_dir, "--from-scratch",
+    r = cli("lm-train", "--cache-dir", cache, "--output-dir", run / "q4", "--model", tiny_lm_dir, "--from-scratch",
                "--preset", "Q4_A4", "--max-steps", 4, "--lr", 3e-3, "--batch-size", 2, "--no-progress")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "bits per weight" in r.stdout
-    r = qatkit("lm-convert", run / "q4" / "model.safetensors", "--to", "Q2_A4", "--out", run / "q2.safetensors",
+    assert r.exit_code == 0, r.output
+    assert "bits per weight" in r.output
+    r = cli("lm-convert", run / "q4" / "model.safetensors", "--to", "Q2_A4", "--out", run / "q2.safetensors",
                "--cache-dir", cache)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert "eval KD loss" in r.stdout and "4-bit r4 -> 2-bit r32" in r.stdout
-    r = qatkit("lm-train", "--cache-dir", cache, "--output-dir", run / "v2", "--v1-checkpoint", run / "q2.safetensors",
+    assert r.exit_code == 0, r.output
+    assert "eval KD loss" in r.output and "4-bit r4 -> 2-bit r32" in r.output
+    r = cli("lm-train", "--cache-dir", cache, "--output-dir", run / "v2", "--v1-checkpoint", run / "q2.safetensors",
                "--max-steps", 3, "--batch-size", 2, "--no-progress")  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     summary = json.loads((run / "v2" / "summary.json").read_text())
     v = summary["v1_to_v2"]
     assert abs(v["kd_loss_before"] - v["kd_loss_after"]) < 1e-4  # V1 -> V2 keeps the function
-    r = qatkit("snap", run / "v2" / "model.safetensors", "--out", run / "packed", "--cache-dir", cache)
-    assert r.returncode == 0, r.stderr
-    assert "bits per weight" in r.stdout
-    r = qatkit("generate", run / "packed", "--prompt", "the license", "--max-tokens", 5, "--temperature", 0)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip()
+    r = cli("snap", run / "v2" / "model.safetensors", "--out", run / "packed", "--cache-dir", cache)
+    assert r.exit_code == 0, r.output
+    assert "bits per weight" in r.output
+    r = cli("generate", run / "packed", "--prompt", "the license", "--max-tokens", 5, "--temperature", 0)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip()
     if importlib.util.find_spec("coremltools") is not None:  # the coreml extra (installed in CI)
-        r = qatkit("lm-export", run / "packed", "--out", run / "lm.mlpackage", "--seq-len", 8)
-        assert r.returncode == 0, r.stderr
-        assert "14 palettized weights, tables equal to the trained ones" in " ".join(r.stdout.split())
-    r = qatkit("plot-loss", run / "v2")
-    assert r.returncode == 0, r.stderr
+        r = cli("lm-export", run / "packed", "--out", run / "lm.mlpackage", "--seq-len", 8)
+        assert r.exit_code == 0, r.output
+        assert "14 palettized weights, tables equal to the trained ones" in " ".join(r.output.split())
+    r = cli("plot-loss", run / "v2")
+    assert r.exit_code == 0, r.output
     assert (run / "v2" / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
