@@ -62,3 +62,20 @@ def tiny_qwen3_dir(tmp_path_factory):
     from tiny_lm import make_tiny_lm
 
     return make_tiny_lm(tmp_path_factory.mktemp("tiny_qwen3"), arch="qwen3")
+
+
+@pytest.fixture(scope="session")
+def kd_cache_dir(tiny_lm_dir, tmp_path_factory):
+    """A KD cache of the tiny Llama over its own sample text (top-6 + 6 negatives, windows of 24 tokens)."""
+    from qatkit.lm.cache import build_kd_cache
+    from qatkit.lm.corpus import tokenize_corpus
+    from qatkit.lm.hf import load_causal_lm
+    from tiny_lm import SAMPLE_TEXT
+
+    model, tok = load_causal_lm(tiny_lm_dir)
+    seqs = tokenize_corpus([SAMPLE_TEXT] * 3, tok, 24)
+    out = tmp_path_factory.mktemp("cache") / "kd"
+    build_kd_cache(
+        model, tok, seqs, out, teacher_name="tiny", top_k=6, negatives=6, eval_fraction=0.2, log=lambda *_: None
+    )
+    return out

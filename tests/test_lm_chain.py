@@ -11,9 +11,7 @@ import torch
 
 from qatkit.base.config import RecipeError
 from qatkit.io.checkpoint import CheckpointError
-from qatkit.lm.cache import build_kd_cache
 from qatkit.lm.checkpoint import load_lut_model
-from qatkit.lm.corpus import tokenize_corpus
 from qatkit.lm.hf import load_causal_lm
 from qatkit.lm.pack import load_packed, save_packed, snap_model
 from qatkit.lm.rules import LMQuantConfig, LUTRule, bits_per_weight, lut_layers, prepare_lm
@@ -41,17 +39,6 @@ def cli(*args):
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         raise r.exception
     return r
-
-
-@pytest.fixture(scope="module")
-def kd_cache_dir(tiny_lm_dir, tmp_path_factory):
-    model, tok = load_causal_lm(tiny_lm_dir)
-    seqs = tokenize_corpus([SAMPLE_TEXT] * 3, tok, 24)
-    out = tmp_path_factory.mktemp("cache") / "kd"
-    build_kd_cache(
-        model, tok, seqs, out, teacher_name="tiny", top_k=6, negatives=6, eval_fraction=0.2, log=lambda *_: None
-    )
-    return out
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -71,32 +71,65 @@ def _is_packed(folder: Path) -> bool:
 
 def kd_cache(
     teacher: str = typer.Option(..., "--teacher", help=MODEL_HELP),
-    corpus: list[Path] = typer.Option(..., "--corpus", help="Text files (.txt or any plain text), .jsonl, or folders."),
+    corpus: Optional[list[Path]] = typer.Option(None, "--corpus", help="Text files (.txt or any plain text), .jsonl, "
+                                                "or folders (optional with --generate)."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder (resumed if it exists with the same settings)."),
     seq_len: int = typer.Option(128, "--seq-len", min=2),
     top_k: int = typer.Option(64, "--top-k", min=1),
     negatives: int = typer.Option(64, "--negatives", min=0, help="Random negative ids per position."),
     eval_fraction: float = typer.Option(0.05, "--eval-fraction", min=0.0, max=0.9),
-    max_sequences: int = typer.Option(0, "--max-sequences", min=0, help="Use the first N windows (0: all)."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Wrap plain text in the chat template."),
+    max_sequences: int = typer.Option(0, "--max-sequences", min=0, help="Use the first N corpus windows (0: all)."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Wrap plain text, prompts and generated "
+                                       "answers in the chat template."),
     text_field: str = typer.Option("text", "--text-field", help="jsonl field holding the text."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     shard_size: int = typer.Option(256, "--shard-size", min=1),
     seed: int = typer.Option(0, "--seed"),
-) -> None:
-    """Run a teacher over a corpus and store its top-K logits plus random negatives per position."""
+    generate: int = typer.Option(0, "--generate", min=0, help="Documents the teacher writes itself (resumable)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts to start generated documents from "
+                                           "(.txt, one per line, or .jsonl); default: the BOS token."),
+    gen_tokens: int = typer.Option(0, "--gen-tokens", min=0, help="New tokens per generated document (0: seq-len)."),
+    gen_temperature: float = typer.Option(1.0, "--gen-temperature", min=1e-3),
+    gen_top_p: float = typer.Option(0.95, "--gen-top-p", min=1e-3, max=1.0),
+    generated_share: float = typer.Option(0.5, "--generated-share", min=0.0, max=1.0,
+                                          help="Share of generated windows when mixed with --corpus."),
+    check_prompts: Optional[Path] = typer.Option(None, "--check-prompts", help="Questions the teacher answers "
+                                                 "greedily, for lm-train's side-by-side (default: six built in)."),
+) -> None:  # fmt: skip
+    """Run a teacher over a corpus and/or text it writes itself, and store its top-K logits plus random negatives
+    per position; the teacher's greedy answers to the check prompts are stored beside them."""
+    from qatkit.lm import teacher_data as td
     from qatkit.lm.cache import build_kd_cache
     from qatkit.lm.corpus import read_texts, tokenize_corpus
     from qatkit.lm.hf import load_causal_lm, model_id
 
-    docs = read_texts(corpus, text_field)
+    if not corpus and not generate:
+        raise ValueError("give --corpus FILES, --generate N, or both")
     model, tok = load_causal_lm(teacher)
-    seqs = tokenize_corpus(docs, tok, seq_len, chat_template)
-    if max_sequences:
-        seqs = seqs[:max_sequences]
+    windows = None
+    if corpus:
+        windows = tokenize_corpus(read_texts(corpus, text_field), tok, seq_len, chat_template)
+        windows = windows[:max_sequences] if max_sequences else windows
+    generated = None
+    if generate:
+        cfg = td.GenerationConfig(
+            generate,
+            gen_tokens or seq_len,
+            gen_temperature,
+            gen_top_p,
+            seed,
+            chat=chat_template,
+            prompts=td.read_prompts(prompts) if prompts else [],
+        )
+        docs = td.generate_documents(model, tok, cfg, out, teacher_name=model_id(teacher), log=console.print)
+        generated = tokenize_corpus(docs, tok, seq_len, chat_template)
+    seqs, sources = td.mix_windows(generated, windows, generated_share)
     path = build_kd_cache(model, tok, seqs, out, teacher_name=model_id(teacher), top_k=top_k, negatives=negatives,
                           shard_size=shard_size, batch_size=batch_size, seed=seed, eval_fraction=eval_fraction,
-                          log=console.print)  # fmt: skip
+                          sources=sources, log=console.print)  # fmt: skip
+    questions = td.read_prompts(check_prompts) if check_prompts else list(td.CHECK_PROMPTS)
+    td.write_teacher_answers(out, questions, td.greedy_answers(model, tok, questions, chat_template), chat_template)
+    console.print(f"windows: {', '.join(f'{v} {k}' for k, v in sources.items())}; teacher answers: {len(questions)}")
     console.print(f"KD cache ready: {path}")
 
 

@@ -126,7 +126,21 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
     ev, n = m["eval_sequences"], m["num_sequences"]
     if not isinstance(ev, list) or not all(type(i) is int and 0 <= i < n for i in ev):
         return f"'eval_sequences' must be a list of sequence numbers in [0, {n})"
+    src = m.get("sources", [["all", n]])
+    if not (isinstance(src, list) and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], str)
+                                          and type(x[1]) is int and x[1] >= 0 for x in src)
+            and sum(x[1] for x in src) == n):  # fmt: skip
+        return f"'sources' must be a list of [name, count] pairs whose counts add up to {n}"
     return None
+
+
+def source_ranges(manifest: dict[str, Any]) -> dict[str, range]:
+    """Where each source's sequences lie (a cache built from one corpus has one source, "all")."""
+    out, start = {}, 0
+    for name, count in manifest.get("sources", [["all", manifest["num_sequences"]]]):
+        out[name] = range(start, start + count)
+        start += count
+    return out
 
 
 def _vocab_size(teacher: torch.nn.Module) -> int:
@@ -218,9 +232,12 @@ def build_kd_cache(
     batch_size: int = 8,
     seed: int = 0,
     eval_fraction: float = 0.1,
+    sources: dict[str, int] | None = None,
     log: Callable[[str], Any] = print,
 ) -> Path:
-    """Run the teacher over ``sequences`` (N, L) and cache its top-K and sampled negative logits in ``out_dir``.
+    """Run the teacher over ``sequences`` (N, L) and cache its top-K and sampled negative logits in ``out_dir``;
+    ``sources`` names consecutive runs of sequences (e.g. {"generated": 300, "corpus": 200}) for per-source
+    evaluation.
 
     Resumable: finished shards of a cache with the same settings are kept; other settings raise CacheError.
     Batches never straddle shards, so shard s depends only on its own sequences and on (seed, s).
@@ -256,7 +273,10 @@ def build_kd_cache(
         "dtype": "float16",
         "shards": [],
         "eval_sequences": eval_ids,
+        "sources": [[k, int(v)] for k, v in (sources or {"all": N}).items()],
     }
+    if sum(v for _, v in manifest["sources"]) != N:
+        raise ValueError(f"sources {sources} do not add up to the {N} sequences")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / MANIFEST).exists():
@@ -297,7 +317,11 @@ class KDCache(Dataset):
     ``model`` (the student), its vocabulary must be the cache's.
     """
 
-    def __init__(self, folder: str | Path, tokenizer: Any = None, split: str = "train", model: Any = None):
+    def __init__(
+        self, folder: str | Path, tokenizer: Any = None, split: str = "train", model: Any = None,
+        source: str | None = None,
+    ):  # fmt: skip
+        """``source``: only the sequences of that source (see :func:`source_ranges`)."""
         if split not in SPLITS:
             raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
         self.folder = Path(folder)
@@ -311,6 +335,12 @@ class KDCache(Dataset):
             self.indices = sorted(held)
         else:
             self.indices = [i for i in range(m["num_sequences"]) if split == "all" or i not in held]
+        if source is not None:
+            ranges = source_ranges(m)
+            if source not in ranges:
+                raise CacheError(f"the KD cache at {self.folder} has no source {source!r} (it has "
+                                 f"{', '.join(ranges)})")  # fmt: skip
+            self.indices = [i for i in self.indices if i in ranges[source]]
 
     def _check_users(self, tokenizer: Any, model: Any) -> None:
         """Refuse a tokenizer other than the cache's, and a model whose vocabulary is not the cache's."""

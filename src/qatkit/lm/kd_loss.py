@@ -31,6 +31,13 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+def candidate_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per position over the candidate ids (both softmaxed over them) at ``temperature``."""
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def kd_loss(
     student_cand: torch.Tensor,
     teacher_cand: torch.Tensor,
@@ -58,9 +65,7 @@ def kd_loss(
     dtype = torch.promote_types(student_cand.dtype, torch.float32)
     student = student_cand.to(dtype)
     teacher = teacher_cand.to(dtype)
-    log_q = F.log_softmax(student / temperature, dim=-1)
-    log_p = F.log_softmax(teacher / temperature, dim=-1)
-    kl = _masked_mean((log_p.exp() * (log_p - log_q)).sum(-1), mask) * temperature**2
+    kl = _masked_mean(candidate_kl(student, teacher, temperature), mask) * temperature**2
     top1 = _masked_mean(-F.log_softmax(student, dim=-1)[..., 0], mask)
     full = torch.zeros((), dtype=dtype, device=student.device)
     if hard_full > 0 and student_full_logits is not None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from qatkit.lm.kd_loss import candidate_logits, kd_loss
+from qatkit.lm.kd_loss import candidate_kl, candidate_logits, kd_loss
 from qatkit.lm.perplexity import from_nll, next_token_nll
 
 
@@ -31,7 +31,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class KDTask:
     """KD loss on cached teacher candidates (seed 004): KL at a temperature + hard top-1 + hard full-vocab CE."""
 
-    val_fields = ["val_loss", "val_kl", "val_top1_agreement", "val_nll", "val_perplexity"]
+    val_fields = ["val_loss", "val_kl", "val_kl_t1", "val_top1_agreement", "val_nll", "val_perplexity"]
     val_batch_size = 8
     monitor = "loss"
     """The best epoch is the one with the lowest evaluation KD loss (KD has no accuracy)."""
@@ -52,6 +52,9 @@ class KDTask:
                       hard_full=self.hard_full if full else 0.0, student_full_logits=logits,
                       teacher_top1_ids=batch["topk_ids"][..., 0].to(device))  # fmt: skip
         out["agree"] = (student.argmax(-1) == 0).float().mean()
+        if logits is not None:  # the student's own top-1 over the whole vocabulary, against the teacher's
+            out["agree"] = (logits.argmax(-1) == batch["topk_ids"][..., 0].to(device)).float().mean()
+            out["kl_t1"] = candidate_kl(student.float(), teacher.float()).mean()
         return out, logits
 
     def lower_is_better(self, metric: str) -> bool:
@@ -66,10 +69,12 @@ class KDTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, device: str) -> dict:
-        """Mean KD loss, KL, top-1 agreement with the teacher, and NLL / perplexity of the true next tokens."""
+        """Mean KD loss, KL at the training temperature (times T^2, as in the loss) and at T=1, the share of
+        positions where the student's top-1 token over the whole vocabulary is the teacher's, and NLL /
+        perplexity of the true next tokens."""
         was = model.training
         model.eval()
-        sums = {"loss": 0.0, "kl": 0.0, "top1_agreement": 0.0, "nll": 0.0}
+        sums = {"loss": 0.0, "kl": 0.0, "kl_t1": 0.0, "top1_agreement": 0.0, "nll": 0.0}
         n = tokens = 0
         for batch in loader:
             out, logits = self.terms(model, batch, device, full=True)
@@ -77,7 +82,7 @@ class KDTask:
             total, count = next_token_nll(logits, batch["input_ids"].to(device))
             sums["nll"] += total
             tokens += count
-            for k, key in (("loss", "loss"), ("kl", "kl"), ("top1_agreement", "agree")):
+            for k, key in (("loss", "loss"), ("kl", "kl"), ("kl_t1", "kl_t1"), ("top1_agreement", "agree")):
                 sums[k] += float(out[key]) * b
             n += b
         model.train(was)

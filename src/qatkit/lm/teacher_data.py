@@ -190,3 +190,21 @@ def read_teacher_answers(folder: str | Path) -> dict | None:
     if not ok:
         raise ValueError(f"{path}: expected 'prompts' and 'answers', two lists of strings of the same length")
     return rec
+
+
+def mix_windows(generated: torch.Tensor | None, corpus: torch.Tensor | None, share: float) -> tuple[torch.Tensor, dict]:
+    """Token windows from teacher text and from files, ``share`` of them generated (the larger side is cut to
+    that ratio; either side may be absent); returns the windows, generated first, and the count per source."""
+    if generated is None or corpus is None:
+        only = generated if generated is not None else corpus
+        if only is None:
+            raise ValueError("no windows: give a corpus, --generate N, or both")
+        return only, {"generated" if generated is not None else "corpus": len(only)}
+    if not 0 < share < 1:
+        raise ValueError(f"the generated share must be in (0, 1) when mixing with a corpus, got {share}")
+    n_gen, n_cor = len(generated), len(corpus)
+    if n_gen / (n_gen + n_cor) > share:
+        n_gen = max(1, round(share / (1 - share) * n_cor))
+    else:
+        n_cor = max(1, round((1 - share) / share * n_gen))
+    return torch.cat([generated[:n_gen], corpus[:n_cor]]), {"generated": n_gen, "corpus": n_cor}

@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 
 from qatkit.io.checkpoint import atomic_write_bytes
-from qatkit.lm.cache import KDCache
+from qatkit.lm.cache import KDCache, read_manifest, source_ranges
 from qatkit.lm.checkpoint import load_lut_model, save_lut_model
 from qatkit.lm.convert import v1_to_v2
 from qatkit.lm.hf import load_causal_lm, model_id, tokenizer_fingerprint
 from qatkit.lm.kd_task import KDTask
+from qatkit.lm.quality import health, side_by_side, write_lm_report
 from qatkit.lm.rules import LMQuantConfig, bits_per_weight, lut_layers, prepare_lm, set_trainable
+from qatkit.lm.teacher_data import greedy_answers, read_teacher_answers
 from qatkit.runner.stages import newest_checkpoint, seed_everything
 from qatkit.train import fit
 from qatkit.train.config import TrainConfig
@@ -103,10 +105,32 @@ def lm_train(
                    extra={"quant": quant.model_dump(mode="json")})  # fmt: skip
     hist = res.history
     summary.update(res.summary(), best_metrics=res.best_metrics, bits=bits_per_weight(model),
-                   first_eval=hist[0] if hist and hist[0]["epoch"] == 0 else None,
-                   total_seconds=time.perf_counter() - t0)  # fmt: skip
+                   first_eval=hist[0] if hist and hist[0]["epoch"] == 0 else None)  # fmt: skip
+    summary.update(quality(model, tok, cache, task, log))
+    summary["total_seconds"] = time.perf_counter() - t0
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1, default=_json_default).encode())
+    log(f"report: {write_lm_report(out, summary)}")
     return summary
+
+
+def quality(model, tok, cache: str | Path, task: KDTask, log=print) -> dict:
+    """Held-out KD metrics per source of the cache, the health verdict (on teacher-generated text where the
+    cache has it) and the student's greedy answers beside the teacher's (when the cache stored them)."""
+    sources = list(source_ranges(read_manifest(cache)))
+    per = {}
+    for name in sources:
+        ds = KDCache(cache, tok, "eval", model, source=name)
+        if len(ds):
+            per[name] = kd_eval(model, ds, task)
+    where = "generated" if "generated" in per else next(iter(per), "")
+    out: dict = {"eval_by_source": per, "health": {**health(per.get(where, {})), "source": where}}
+    log(f"health on held-out {where} text: {out['health']['verdict']}"
+        + "".join(f"; {f}" for f in out["health"]["failed"]))  # fmt: skip
+    teacher = read_teacher_answers(cache)
+    if teacher:
+        student = greedy_answers(model, tok, teacher["prompts"], teacher["chat"])
+        out["answers"] = side_by_side(teacher["prompts"], teacher["answers"], student)
+    return out
 
 
 def _json_default(v):
