@@ -68,6 +68,25 @@ def test_collapse_guard_seed_000(qat_start, digits, tmp_path):
     assert "gave up after 1 interventions" in res.gave_up and "lower the learning rate" in res.gave_up
 
 
+def test_rollbacks_from_states_kept_on_disk_equal_rollbacks_from_memory(qat_start, digits, tmp_path):
+    """``checkpoint.in_memory: false`` keeps no copies of model and optimizer: a collapse rollback and the final
+    best weights are read back from the stage's checkpoints, with the same result as the in-memory copies."""
+    runs = {}
+    for in_memory in (True, False):
+        model = copy.deepcopy(qat_start)
+        cfg = TrainConfig(epochs=3, lr=0.1, checkpoint=CheckpointConfig(in_memory=in_memory),
+                          guards=GuardConfig(max_interventions=2))  # fmt: skip
+        torch.manual_seed(0)
+        res = fit(model, digits.train, digits.val, cfg, num_classes=10, batch_size=1,
+                  run_dir=tmp_path / str(in_memory), stage="qat", progress=False)  # fmt: skip
+        runs[in_memory] = (res, model.state_dict())
+    (mem, mem_sd), (disk, disk_sd) = runs[True], runs[False]
+    assert [i["kind"] for i in mem.interventions][0] == "collapse-rollback"  # the case rolls back
+    assert [i["kind"] for i in disk.interventions] == [i["kind"] for i in mem.interventions]
+    assert [h["val_accuracy"] for h in disk.history] == [h["val_accuracy"] for h in mem.history]
+    assert disk.best_epoch == mem.best_epoch and all(torch.equal(mem_sd[k], disk_sd[k]) for k in mem_sd)
+
+
 def test_nan_mid_epoch_is_skipped_with_an_emergency_checkpoint(digits, tmp_path):
     torch.manual_seed(0)
     x, y = digits.train.tensors

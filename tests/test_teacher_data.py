@@ -134,4 +134,5 @@ def test_kd_cache_generate_then_lm_train_reports_quality_by_source_and_answers(t
     assert [a["prompt"] for a in summary["answers"]] == ["the river", "the baker"]
     report = (run / "report.md").read_text()
     assert "| teacher top-1 agreement |" in report and "## Greedy answers, teacher and student" in report
-    assert "| the river |" in report
+    assert "| the river |" in report and "peak resident set" in report
+    assert summary["peak_rss_bytes"] > summary["memory_estimate"]["model"] > 0

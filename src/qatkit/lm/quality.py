@@ -43,7 +43,7 @@ def write_lm_report(out: Path, summary: dict) -> Path:
              f"Start: {summary.get('start')}; {summary.get('train_sequences')} training and "
              f"{summary.get('eval_sequences')} held-out windows; {summary.get('total_seconds', 0):.0f} s.",
              f"Bits per weight of the quantized layers: {bits.get('bits_per_weight', float('nan')):.3f}." if bits
-             else "", "", "## Held-out quality (best weights)", ""]  # fmt: skip
+             else "", _memory(summary), "", "## Held-out quality (best weights)", ""]  # fmt: skip
     per = summary.get("eval_by_source") or {}
     cols = list(per)
     lines += ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
@@ -68,3 +68,11 @@ def write_lm_report(out: Path, summary: dict) -> Path:
 
 def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
+
+
+def _memory(summary: dict) -> str:
+    est, peak = summary.get("memory_estimate"), summary.get("peak_rss_bytes")
+    if not est or not peak:
+        return ""
+    return (f"Memory: estimated {est['total'] / 2**30:.2f} GiB before activations; peak resident set "
+            f"{peak / 2**30:.2f} GiB.")  # fmt: skip

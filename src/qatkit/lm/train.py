@@ -20,6 +20,7 @@ from qatkit.lm.checkpoint import load_lut_model, save_lut_model
 from qatkit.lm.convert import v1_to_v2
 from qatkit.lm.hf import load_causal_lm, model_id, tokenizer_fingerprint
 from qatkit.lm.kd_task import KDTask
+from qatkit.lm.memory import describe, peak_rss_bytes, training_estimate
 from qatkit.lm.quality import health, side_by_side, write_lm_report
 from qatkit.lm.rules import LMQuantConfig, bits_per_weight, lut_layers, prepare_lm, set_trainable
 from qatkit.lm.teacher_data import greedy_answers, read_teacher_answers
@@ -76,6 +77,8 @@ def lm_train(
     """Train, keep the best eval-loss weights, write ``model.safetensors`` and ``summary.json``; return the summary."""
     out = Path(out)
     train = train.model_copy(update={"monitor": "loss"})  # best = lowest eval KD loss (KD has no accuracy)
+    if "in_memory" not in train.checkpoint.model_fields_set:  # no in-memory copies of an LM and its optimizer
+        train = train.model_copy(update={"checkpoint": train.checkpoint.model_copy(update={"in_memory": False})})
     quant = quant or LMQuantConfig()
     task = task or KDTask()
     t0 = time.perf_counter()
@@ -93,6 +96,8 @@ def lm_train(
         log(f"V1 -> V2 (indices frozen): eval KD loss {before['loss']:.4f} -> {after['loss']:.4f}")
     trainable = set_trainable(model, quant.g_only)
     log(f"trainable parameters: {trainable:,}" + (" (magnitudes only)" if quant.g_only else ""))
+    summary["memory_estimate"] = training_estimate(model, copies=train.checkpoint.in_memory)
+    log(describe(summary["memory_estimate"]))
 
     ckpt = newest_checkpoint(out / "checkpoints" / "lm") if resume == "auto" else resume
     if resume == "auto" and ckpt is None:
@@ -106,6 +111,7 @@ def lm_train(
     hist = res.history
     summary.update(res.summary(), best_metrics=res.best_metrics, bits=bits_per_weight(model),
                    first_eval=hist[0] if hist and hist[0]["epoch"] == 0 else None)  # fmt: skip
+    summary["peak_rss_bytes"] = peak_rss_bytes()  # training's peak (quality() below generates text)
     summary.update(quality(model, tok, cache, task, log))
     summary["total_seconds"] = time.perf_counter() - t0
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1, default=_json_default).encode())

@@ -39,6 +39,10 @@ class CheckpointConfig(Strict):
 
     every_steps: int = Field(0, ge=0, le=10**9)
     keep: int = Field(3, ge=1, le=1000)
+    in_memory: bool = True
+    """Also hold the last-good and best states (model and optimizer) in memory; False: only on disk, read back
+    when a guard rolls back or the stage ends (for models whose two extra copies would not fit in memory; a
+    single-process run that writes checkpoints)."""
 
 
 class LoggingConfig(Strict):

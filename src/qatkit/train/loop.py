@@ -9,6 +9,7 @@ back as best and rollback states, redoes a baseline it had not finished, and dro
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from contextlib import nullcontext
@@ -204,15 +205,25 @@ class _Trainer:
         if self.last_good is None:
             self.last_good = self.snapshot()
             self.last_good_path = Path(resume) if resume is not None else self.save("last")
+            if "path" in self.last_good and resume is not None:  # on disk: the state resumed from
+                self.last_good["path"] = Path(resume)
 
     # ---- state ------------------------------------------------------------------------------------
     def fresh_stats(self) -> dict:
         parts = {f"{k}_sum": 0.0 for k in self.parts}
         return {"loss_sum": 0.0, "n": 0, "norm_sum": 0.0, "norm_max": 0.0, "steps": 0, "skipped": 0, **parts}
 
-    def snapshot(self) -> dict:
-        return snapshot(self.model, self.optimizer, self.scheduler, epoch=self.c["epoch"], skip=self.c["skip"],
-                        step=self.c["step"], stats=dict(self.c["stats"]))  # fmt: skip
+    def snapshot(self, name: str = "last") -> dict:
+        """The position and the state: copied in memory, or (``checkpoint.in_memory: false``) the checkpoint
+        ``name`` that holds it on disk."""
+        pos = {"epoch": self.c["epoch"], "skip": self.c["skip"], "step": self.c["step"], "stats": dict(self.c["stats"])}
+        if self.on_disk:
+            return {**pos, "path": self.ckpt_dir / f"{name}.safetensors"}
+        return snapshot(self.model, self.optimizer, self.scheduler, **pos)
+
+    @property
+    def on_disk(self) -> bool:
+        return not self.cfg.checkpoint.in_memory and self.ckpt_dir is not None and self.info.world == 1
 
     def save(self, name: str) -> Path | None:
         if self.ckpt_dir is None or not self.info.main:
@@ -227,7 +238,7 @@ class _Trainer:
         at = read_counters(path, self.limits(), complete=True)
         best, last = path.parent / "best.safetensors", path.parent / "last.safetensors"
         if best.is_file() and read_counters(best).get("best_epoch") == at["best_epoch"] <= at["epoch"]:
-            self.best_snap = self.load_file(best, rng=False)
+            self.best_snap = self.load_file(best, rng=False, name="best")
         if last.is_file() and last.resolve() != path.resolve() and self.not_after(read_counters(last), at):
             self.last_good, self.last_good_path = self.load_file(last, rng=False), last
         self.load_file(path, rng=True)
@@ -252,15 +263,16 @@ class _Trainer:
         """Whether position ``a`` (counters) is at or before position ``b`` in the same run."""
         return a["step"] <= b["step"] and a["epoch"] <= b["epoch"]
 
-    def load_file(self, path: Path, rng: bool) -> dict:
-        """Load a training-state file into the live objects and counters; returns its snapshot."""
+    def load_file(self, path: Path, rng: bool, name: str = "last") -> dict:
+        """Load a training-state file into the live objects and counters; returns its snapshot (on disk: the
+        checkpoint ``name``)."""
         counters = load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                        scaler=self.scaler, expect={"stage": self.stage}, restore_rng=rng,
                                        limits=self.limits(), complete=True)  # fmt: skip
         self.guards.load_state_dict(counters.pop("guards"))
         self.c.update(counters)
         self._phase = None
-        return self.snapshot()
+        return self.snapshot(name)
 
     def set_quant_phase(self) -> None:
         """Fake quantization on after the delay, observers frozen after N steps; touches buffers only on change."""
@@ -322,7 +334,7 @@ class _Trainer:
         row = {"epoch": 0, "step": 0, "lr": self.lr(), **self.val_row(m), "seconds": time.perf_counter() - self.start}
         self.c["history"].append(row)
         self.log.epoch(row, self.model, self.cfg.logging.quantizer_stats)
-        self.best_snap = self.snapshot()
+        self.best_snap = self.snapshot("best")
         self.save("best")
 
     def train_epoch(self) -> bool:
@@ -422,8 +434,16 @@ class _Trainer:
         retain(self.ckpt_dir, self.cfg.checkpoint.keep, newer_than=c["step"])
 
     def restore(self, snap: dict) -> None:
-        """Back to an in-memory state; the next step applies the quantizer phase afresh (as a resume does)."""
-        restore(snap, self.model, self.optimizer, self.scheduler)
+        """Back to a snapshot's model, optimizer and scheduler (the counters and guards stay the caller's); the
+        next step applies the quantizer phase afresh (as a resume does)."""
+        if "path" in snap:
+            counters, guards = dict(self.c), copy.deepcopy(self.guards.state_dict())  # the same history list
+            self.load_file(snap["path"], rng=False)
+            self.c.clear()
+            self.c.update(counters)
+            self.guards.load_state_dict(guards)
+        else:
+            restore(snap, self.model, self.optimizer, self.scheduler)
         self._phase = None
 
     def restore_best(self) -> None:
@@ -459,7 +479,7 @@ class _Trainer:
             self.result.stopped_early = True
         self.last_good = self.snapshot()
         if improved:
-            self.best_snap = self.last_good
+            self.best_snap = self.snapshot("best") if self.on_disk else self.last_good
             self.save("best")
         self.last_good_path = self.save("last") or self.last_good_path
         self.check_stop(None)
@@ -513,7 +533,10 @@ class _Trainer:
     def finish(self) -> FitResult:
         c, r = self.c, self.result
         if self.best_snap is not None:
-            self.model.load_state_dict(self.best_snap["model"])
+            if "path" in self.best_snap:
+                self.restore(self.best_snap)
+            else:
+                self.model.load_state_dict(self.best_snap["model"])
         for q in self.quantizers:  # leave the model as a quantized model whatever the stage did
             q.set_fake_quant(True)
         r.gave_up = r.gave_up or (self.guards.log[-1]["detail"] if c["finished"] == "gave-up" else None)
