@@ -8,22 +8,15 @@ from onnx import numpy_helper
 
 import qatkit
 from qatkit.base.batch import InputSpec
-from qatkit.components.models import CNN2d
 from qatkit.export.diagnose import LAYER_MAP_KEY, compare_layers, first_over_one_step, read_layer_outputs
 from qatkit.export.onnx import export_onnx
-from qatkit.transform.fold import fold_batchnorm
+from small_models import quantized_cnn
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    model = CNN2d((1, 8, 8), 10, channels=[8, 16])
-    fold_batchnorm(model.eval())
-    qatkit.prepare(model, "int8")
-    x = torch.randn(128, 1, 8, 8)
-    qatkit.calibrate(model, [x], 1)
-    path = tmp_path_factory.mktemp("diag") / "m.onnx"
-    export_onnx(model.eval(), x[:2], path)
+    model, x = quantized_cnn(128)
+    path = export_onnx(model, x[:2], tmp_path_factory.mktemp("diag") / "m.onnx")
     return model, x, path
 
 

@@ -2,13 +2,10 @@
 PyTorch model, found by the module scopes in tensor names; an altered weight scale is traced to its layer."""
 
 import pytest
-import torch
 
-import qatkit
 from qatkit.base.batch import InputSpec
-from qatkit.components.models import CNN2d
 from qatkit.export.diagnose import first_over_one_step
-from qatkit.transform.fold import fold_batchnorm
+from small_models import quantized_cnn
 
 pytest.importorskip("litert_torch")
 
@@ -21,13 +18,8 @@ from qatkit.io.checkpoint import atomic_write_bytes  # noqa: E402
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    torch.manual_seed(0)
-    model = CNN2d((1, 8, 8), 10, channels=[8, 16])
-    fold_batchnorm(model.eval())
-    qatkit.prepare(model, "int8")
-    x = torch.randn(64, 1, 8, 8)
-    qatkit.calibrate(model, [x], 1)
-    path = export_tflite(model.eval(), x[:1], tmp_path_factory.mktemp("diag") / "m.tflite", "int8")
+    model, x = quantized_cnn(64)
+    path = export_tflite(model, x[:1], tmp_path_factory.mktemp("diag") / "m.tflite", "int8")
     return model, x, path
 
 
