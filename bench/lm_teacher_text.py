@@ -29,6 +29,7 @@ from qatkit.lm.hf import load_causal_lm
 from qatkit.lm.kd_task import KDTask
 from qatkit.lm.pack import load_packed, save_packed, snap_model
 from qatkit.lm.perplexity import perplexity
+from qatkit.lm.quality import side_by_side
 from qatkit.lm.rules import LMQuantConfig, bits_per_weight, dequantize_lm
 from qatkit.lm.train import lm_train
 from qatkit.train.config import TrainConfig
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--preset", default="Q2_A4")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse-run", action="store_true", help="WORK/run finished: only snap, pack and measure")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,10 +86,43 @@ def main() -> None:
     t0 = time.perf_counter()
 
     teacher, tok = load_causal_lm("smollm2")
+    cache = work / "cache"
+    held = tokenize_corpus(read_texts([LICENCES / n for n in HELD_OUT]), tok, 256)
+    if args.reuse_run:
+        res["float_licence_perplexity"] = perplexity(teacher, held)["perplexity"]
+        answers = td.read_teacher_answers(cache)["answers"]
+        summary = json.loads((work / "run" / "summary.json").read_text())
+    else:
+        answers, summary = train_student(args, teacher, tok, cache, held, res)
+    keys = ("steps", "seconds", "eval_by_source", "health", "answers", "bits", "memory_estimate", "peak_rss_bytes")
+    res["train"] = {k: summary[k] for k in keys}
+    from qatkit.lm.checkpoint import load_lut_model
+
+    student, tok, _ = load_lut_model(work / "run" / "model.safetensors")
+    snap_model(student)
+    res["pack"] = save_packed(work / "packed", student, base="smollm2", tokenizer=tok)
+    packed, _ = load_packed(work / "packed")
+    res["packed_licence_perplexity"] = perplexity(packed, held)["perplexity"]
+    res["bits"] = bits_per_weight(packed)
+    dequantize_lm(packed)
+    res["packed_answers"] = side_by_side(list(td.CHECK_PROMPTS), answers,
+                                         td.greedy_answers(packed, tok, list(td.CHECK_PROMPTS), True))  # fmt: skip
+    res["paris"] = "paris" in res["packed_answers"][0]["student"].lower()
+    res["total_seconds"] = time.perf_counter() - t0
+    for a in res["packed_answers"]:
+        print(f"Q: {a['prompt']}\n  teacher: {a['teacher'][:120]!r}\n  student: {a['student'][:120]!r}")
+    print(json.dumps({"health": summary["health"], "eval_by_source": summary["eval_by_source"],
+                      "packed_licence_perplexity": res["packed_licence_perplexity"]}, indent=1))  # fmt: skip
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+
+
+def train_student(args, teacher, tok, cache: Path, held, res: dict) -> tuple[list[str], dict]:
+    """Teacher text, the KD cache and the teacher's answers, then lm-train; returns the answers and summary."""
     qs = questions()
     cfg = td.GenerationConfig(args.documents, args.gen_tokens, 1.0, 0.95, seed=0, block=args.block, chat=True,
                               prompts=qs)  # fmt: skip
-    cache = work / "cache"
     t = time.perf_counter()
     docs = td.generate_documents(teacher, tok, cfg, cache, teacher_name="smollm2")
     res["generation"] = {"documents": len(docs), "questions": len(qs), "seconds": time.perf_counter() - t,
@@ -102,37 +137,15 @@ def main() -> None:
     answers = td.greedy_answers(teacher, tok, list(td.CHECK_PROMPTS), True)
     td.write_teacher_answers(cache, list(td.CHECK_PROMPTS), answers, True)
     res["cache"] = {"sources": sources, "seconds": time.perf_counter() - t}
-    held = tokenize_corpus(read_texts([LICENCES / n for n in HELD_OUT]), tok, 256)
     res["float_licence_perplexity"] = perplexity(teacher, held)["perplexity"]
     print(f"float: held-out licence perplexity {res['float_licence_perplexity']:.2f}", flush=True)
     del teacher
-
     train = TrainConfig(epochs=1000, max_steps=args.steps, lr=args.lr, schedule="cosine", warmup_epochs=0.1,
                         weight_decay=0.0, grad_clip=1.0, logging={"step_csv": True, "quantizer_stats": False})  # fmt: skip
-    summary = lm_train(cache=cache, out=work / "run", train=train, batch_size=args.batch_size, base="smollm2",
-                       quant=LMQuantConfig(preset=args.preset), task=KDTask(hard_full=0.0), progress=False)  # fmt: skip
-    keys = ("steps", "seconds", "eval_by_source", "health", "answers", "bits", "memory_estimate", "peak_rss_bytes")
-    res["train"] = {k: summary[k] for k in keys}
-    from qatkit.lm.checkpoint import load_lut_model
-
-    student, tok, _ = load_lut_model(work / "run" / "model.safetensors")
-    snap_model(student)
-    res["pack"] = save_packed(work / "packed", student, base="smollm2", tokenizer=tok)
-    packed, _ = load_packed(work / "packed")
-    res["packed_licence_perplexity"] = perplexity(packed, held)["perplexity"]
-    res["bits"] = bits_per_weight(packed)
-    dequantize_lm(packed)
-    res["packed_answers"] = td.side_by_side(list(td.CHECK_PROMPTS), answers,
-                                            td.greedy_answers(packed, tok, list(td.CHECK_PROMPTS), True))  # fmt: skip
-    res["paris"] = "paris" in res["packed_answers"][0]["student"].lower()
-    res["total_seconds"] = time.perf_counter() - t0
-    for a in res["packed_answers"]:
-        print(f"Q: {a['prompt']}\n  teacher: {a['teacher'][:120]!r}\n  student: {a['student'][:120]!r}")
-    print(json.dumps({"health": summary["health"], "eval_by_source": summary["eval_by_source"],
-                      "packed_licence_perplexity": res["packed_licence_perplexity"]}, indent=1))  # fmt: skip
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    summary = lm_train(cache=cache, out=Path(args.work) / "run", train=train, batch_size=args.batch_size,
+                       base="smollm2", quant=LMQuantConfig(preset=args.preset), task=KDTask(hard_full=0.0),
+                       progress=False)  # fmt: skip
+    return answers, summary
 
 
 if __name__ == "__main__":
