@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch.utils.data import TensorDataset
 
 from qatkit import calibrate, prepare
@@ -151,6 +152,31 @@ def test_resume_from_a_step_checkpoint_is_exact(qat_start, digits, tmp_path):
         resume=steps[0], progress=False)  # fmt: skip
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
+
+
+def test_trainable_only_states_leave_frozen_parameters_out_and_resume_exactly(qat_start, digits, tmp_path):
+    """``checkpoint.trainable_only``: the frozen first layer is not in the files; a resume into a model rebuilt
+    the same way ends where the uninterrupted run ended (and away from the checkpoint: it did not restart)."""
+    base = copy.deepcopy(qat_start)
+    base.net[1].weight.requires_grad_(False)
+    cfg = TrainConfig(epochs=2, lr=5e-4, checkpoint=CheckpointConfig(every_steps=10, keep=5, trainable_only=True))
+    a = copy.deepcopy(base)
+    fit(a, digits.train, digits.val, cfg, num_classes=10, batch_size=64, run_dir=tmp_path / "a", stage="qat",
+        progress=False)  # fmt: skip
+    mid = tmp_path / "a" / "checkpoints" / "qat" / "step-00000010.safetensors"
+    with safe_open(mid, "pt") as f:
+        keys = set(f.keys())
+    assert "model/net.1.weight" not in keys and "model/net.1.bias" in keys
+    b = copy.deepcopy(base)
+    with torch.no_grad():  # trainable weights unlike the start: a run that ignored the checkpoint would differ
+        b.net[3].weight.add_(torch.randn_like(b.net[3].weight))
+    fit(b, digits.train, digits.val, cfg, num_classes=10, batch_size=64, run_dir=tmp_path / "b", stage="qat",
+        resume=mid, progress=False)  # fmt: skip
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    with pytest.raises(CheckpointError, match="different model"):  # a trainable parameter missing is refused
+        c = copy.deepcopy(qat_start)
+        load_training_state(mid, model=c)
 
 
 def test_training_state_from_another_model_or_corrupt_is_refused(qat_start, tmp_path):

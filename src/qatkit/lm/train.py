@@ -77,8 +77,11 @@ def lm_train(
     """Train, keep the best eval-loss weights, write ``model.safetensors`` and ``summary.json``; return the summary."""
     out = Path(out)
     train = train.model_copy(update={"monitor": "loss"})  # best = lowest eval KD loss (KD has no accuracy)
-    if "in_memory" not in train.checkpoint.model_fields_set:  # no in-memory copies of an LM and its optimizer
-        train = train.model_copy(update={"checkpoint": train.checkpoint.model_copy(update={"in_memory": False})})
+    # no in-memory copies of an LM and its optimizer, and no frozen embeddings in its training states
+    lean = {
+        k: v for k, v in (("in_memory", False), ("trainable_only", True)) if k not in train.checkpoint.model_fields_set
+    }
+    train = train.model_copy(update={"checkpoint": train.checkpoint.model_copy(update=lean)})
     quant = quant or LMQuantConfig()
     task = task or KDTask()
     t0 = time.perf_counter()

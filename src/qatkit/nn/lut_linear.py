@@ -15,6 +15,7 @@ from torch import nn
 
 from qatkit.quant.lowrank import FORWARD_MODES, expand_rank, init_scales, lowrank_linear, v1_to_v2, v2_factors
 from qatkit.quant.lut import kmeans_lut, lut_fake_quantize, nearest_index, reduce_lut, ste_fp16
+from qatkit.quant.lut_matmul import lut_linear
 
 FORMS = ("v1", "v2")
 SCALE_NAMES = ("scale_a", "scale_b", "a_dir", "b_dir", "magnitude")  # V1: scale_a, scale_b; V2: the other three
@@ -155,6 +156,9 @@ class LUTLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.factors()
+        if self.forward_mode == "materialize" and not self.spec.normalizer_grad:  # saves 1 byte per weight
+            index = self.index if bool(self.frozen) else None
+            return lut_linear(x, self.weight, self.table(), a, b, self.bias, index)
         return lowrank_linear(x, self.codes(a, b), a, b, self.bias, self.forward_mode)
 
     @torch.no_grad()

@@ -43,6 +43,9 @@ class CheckpointConfig(Strict):
     """Also hold the last-good and best states (model and optimizer) in memory; False: only on disk, read back
     when a guard rolls back or the stage ends (for models whose two extra copies would not fit in memory; a
     single-process run that writes checkpoints)."""
+    trainable_only: bool = False
+    """Training states hold the parameters that train and every buffer, not the frozen ones (an LM's
+    embeddings, norms and head): those are rebuilt the same way before a resume, so the files stay small."""
 
 
 class LoggingConfig(Strict):

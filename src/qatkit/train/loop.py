@@ -231,7 +231,8 @@ class _Trainer:
         counters = dict(self.c, guards=self.guards.state_dict())
         return save_training_state(self.ckpt_dir / f"{name}.safetensors", model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, scaler=self.scaler, counters=counters,
-                                   fingerprint=self.fingerprint)  # fmt: skip
+                                   fingerprint=self.fingerprint,
+                                   trainable_only=self.cfg.checkpoint.trainable_only)  # fmt: skip
 
     def load(self, path: Path) -> None:
         """Continue from ``path``, with the run's ``best`` and ``last`` beside it as best and rollback states."""

@@ -171,6 +171,11 @@ def _set_cuda_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all([tensors[f"rng/cuda/{i}"] for i in range(n)])
 
 
+def frozen_parameters(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the parameters that do not train."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
 # ---- save / load ----------------------------------------------------------------------------------------
 def save_training_state(
     path: str | Path,
@@ -181,9 +186,12 @@ def save_training_state(
     scaler: Any = None,
     counters: dict | None = None,
     fingerprint: dict | None = None,
+    trainable_only: bool = False,
 ) -> Path:
-    """Write everything needed to continue training exactly where it stopped (atomically)."""
-    tensors: dict[str, torch.Tensor] = {f"model/{k}": v for k, v in model.state_dict().items()}
+    """Write everything needed to continue training exactly where it stopped (atomically); ``trainable_only``
+    leaves out the parameters that do not train (the caller rebuilds them identically before loading)."""
+    skip = frozen_parameters(model) if trainable_only else set()
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items() if k not in skip}
     skeleton = {
         "optimizer": _split(optimizer.state_dict(), "optim", tensors),
         "scheduler": _split(scheduler.state_dict(), "sched", tensors) if scheduler is not None else None,
@@ -192,6 +200,8 @@ def save_training_state(
     rng_meta, rng_tensors = rng_state()
     tensors.update(rng_tensors)
     meta = {"kind": "training-state", "state": skeleton, "rng": rng_meta, "counters": counters or {}}
+    if trainable_only:
+        meta["model_keys"] = "trainable"
     meta.update(fingerprint or {})
     return save_weights(path, tensors, meta)
 
@@ -244,8 +254,12 @@ def load_training_state(
     if restore_rng:
         _check_rng(Path(path), meta["rng"], tensors)
     model_sd = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
-    check_state_fits(path, model.state_dict(), model_sd)
-    model.load_state_dict(model_sd)
+    want = model.state_dict()
+    if meta.get("model_keys") == "trainable":  # frozen parameters were left out: they stay as the model has them
+        frozen = frozen_parameters(model)
+        want = {k: v for k, v in want.items() if k not in frozen}
+    check_state_fits(path, want, model_sd)
+    model.load_state_dict(model_sd, strict=len(want) == len(model.state_dict()))
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
         _restore_part(path, name, obj, parts[name])
     if restore_rng:
