@@ -159,6 +159,12 @@ def lm_train_cmd(
     resume: Optional[str] = typer.Option(None, "--resume", help="'auto' or a training-state checkpoint."),
     seed: int = typer.Option(0, "--seed"),
     wandb: bool = typer.Option(False, "--wandb", help="Log to Weights & Biases (the wandb extra)."),
+    fsdp: bool = typer.Option(
+        False,
+        "--fsdp",
+        help="Under torchrun: shard the LUT layers' weights, gradients "
+        "and optimizer state over the processes (FSDP2) instead of replicating them.",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """KD-QAT of a causal LM's LUT layers from a KD cache (training_log: OUT/lm_steps.csv, OUT/lm_train.csv)."""
@@ -174,7 +180,7 @@ def lm_train_cmd(
     quant = load_quant_config(quant_config, flags)
     cfg = TrainConfig(epochs=100_000, max_steps=max_steps, lr=lr, schedule=schedule, warmup_epochs=warmup,
                       weight_decay=0.0, grad_clip=grad_clip or None,
-                      checkpoint={"every_steps": save_steps},
+                      checkpoint={"every_steps": save_steps}, parallel="fsdp" if fsdp else "ddp",
                       logging={"step_csv": True, "wandb": wandb, "quantizer_stats": False})  # fmt: skip
     summary = lm_train(cache=cache, out=out, train=cfg, batch_size=batch_size, start=starts[0], base=model,
                        checkpoint=v1_checkpoint or v2_checkpoint, quant=quant,

@@ -20,10 +20,17 @@ from qatkit.nn.lut_linear import LUTLinear, LUTSpec
 KIND = "lut-lm"
 
 
-def save_lut_model(path: str | Path, model: nn.Module, *, base: str, tokenizer_fp: str, extra: dict | None = None):
-    """Write the LUT layers' state (tables, scales, indices, latent weights, frozen flags) atomically."""
+def save_lut_model(
+    path: str | Path, model: nn.Module, *, base: str, tokenizer_fp: str, extra: dict | None = None,
+    state: dict | None = None,
+):  # fmt: skip
+    """Write the LUT layers' state (tables, scales, indices, latent weights, frozen flags) atomically;
+    ``state``: the model's full state dict where its own is sharded (FSDP)."""
     names = lut_layers(model)
-    state = {f"{n}.{k}": v for n, m in names.items() for k, v in m.state_dict().items()}
+    if state is None:
+        state = {f"{n}.{k}": v for n, m in names.items() for k, v in m.state_dict().items()}
+    else:
+        state = {k: v for k, v in state.items() if k.rpartition(".")[0] in names}
     meta = {"kind": KIND, "base": base, "tokenizer": tokenizer_fp, "layers": layer_specs(model), **(extra or {})}
     return save_weights(path, state, meta)
 

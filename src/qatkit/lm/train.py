@@ -27,6 +27,8 @@ from qatkit.lm.teacher_data import greedy_answers, read_teacher_answers
 from qatkit.runner.stages import newest_checkpoint, seed_everything
 from qatkit.train import fit
 from qatkit.train.config import TrainConfig
+from qatkit.train.distributed import init_from_env
+from qatkit.train.fsdp import full_model_state, is_sharded
 from qatkit.train.helpers import make_loader
 
 STARTS = ("scratch", "v1", "v2")
@@ -84,6 +86,8 @@ def lm_train(
     train = train.model_copy(update={"checkpoint": train.checkpoint.model_copy(update=lean)})
     quant = quant or LMQuantConfig()
     task = task or KDTask()
+    info = init_from_env()  # under torchrun: join the process group (DDP, or FSDP with train.parallel: fsdp)
+    log = log if info.main else _quiet
     t0 = time.perf_counter()
     seed_everything(seed)
     model, tok, base_id = load_student(start, base, checkpoint, quant, log)
@@ -109,14 +113,19 @@ def lm_train(
                                                                   lut_layers(model).items()}}  # fmt: skip
     res = fit(model, train_ds, eval_ds, train, batch_size=batch_size, seed=seed, run_dir=out, stage="lm",
               resume=ckpt, fingerprint=fingerprint, progress=progress, objective=task)  # fmt: skip
-    save_lut_model(out / "model.safetensors", model, base=base_id, tokenizer_fp=fp,
-                   extra={"quant": quant.model_dump(mode="json")})  # fmt: skip
+    state = full_model_state(model) if is_sharded(model) else None  # every rank gathers; rank 0 writes
+    if info.main:
+        save_lut_model(out / "model.safetensors", model, base=base_id, tokenizer_fp=fp,
+                       extra={"quant": quant.model_dump(mode="json")}, state=state)  # fmt: skip
     hist = res.history
     summary.update(res.summary(), best_metrics=res.best_metrics, bits=bits_per_weight(model),
                    first_eval=hist[0] if hist and hist[0]["epoch"] == 0 else None)  # fmt: skip
     summary["peak_rss_bytes"] = peak_rss_bytes()  # training's peak (quality() below generates text)
     summary.update(quality(model, tok, cache, task, log))
     summary["total_seconds"] = time.perf_counter() - t0
+    summary["processes"] = info.world
+    if not info.main:
+        return summary
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1, default=_json_default).encode())
     log(f"report: {write_lm_report(out, summary)}")
     return summary
@@ -140,6 +149,10 @@ def quality(model, tok, cache: str | Path, task: KDTask, log=print) -> dict:
         student = greedy_answers(model, tok, teacher["prompts"], teacher["chat"])
         out["answers"] = side_by_side(teacher["prompts"], teacher["answers"], student)
     return out
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0 under torchrun."""
 
 
 def _json_default(v):

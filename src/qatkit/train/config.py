@@ -110,6 +110,9 @@ class TrainConfig(Strict):
     fake_quant_delay_steps: int = Field(0, ge=0, le=10**9)
     freeze_observers_after_steps: int | None = Field(None, ge=0, le=10**9)
     quant_lr: float | None = Field(None, gt=0)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: replicate the model on every rank (``ddp``), or shard the modules that hold trainable
+    parameters with FSDP2 (``fsdp``: their weights, gradients and optimizer state take 1/N per rank)."""
     guards: GuardConfig = Field(default_factory=GuardConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)

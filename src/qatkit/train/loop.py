@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from qatkit.components.splits import targets_of
 from qatkit.nn.fake_quantizer import FakeQuantizer
 from qatkit.tasks import ClassificationTask, Objective, Task, predict
+from qatkit.train import fsdp
 from qatkit.train.config import TrainConfig
 from qatkit.train.distill import Teacher, with_teacher
 from qatkit.train.distributed import DistInfo, GlobalBatchSampler, any_true, current, from_main
@@ -157,7 +158,10 @@ class _Trainer:
         # optimiser, schedule, precision
         model.to(device)
         self.train_model = model
-        if self.info.active:
+        self.sharded = self.info.active and cfg.parallel == "fsdp"
+        if self.sharded:  # parameters, gradients and optimizer state of the trainable modules split over ranks
+            fsdp.shard(model, device)
+        elif self.info.active:
             ids = None if device == "cpu" else [device]
             self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         groups = param_groups(model, cfg.weight_decay, cfg.quant_lr)
@@ -226,13 +230,18 @@ class _Trainer:
         return not self.cfg.checkpoint.in_memory and self.ckpt_dir is not None and self.info.world == 1
 
     def save(self, name: str) -> Path | None:
-        if self.ckpt_dir is None or not self.info.main:
+        if self.ckpt_dir is None:
+            return None
+        full = None
+        if self.sharded:  # every rank takes part in gathering the full state; rank 0 writes it
+            full = fsdp.full_model_state(self.model), fsdp.full_optimizer_state(self.model, self.optimizer)
+        if not self.info.main:
             return None
         counters = dict(self.c, guards=self.guards.state_dict())
         return save_training_state(self.ckpt_dir / f"{name}.safetensors", model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, scaler=self.scaler, counters=counters,
-                                   fingerprint=self.fingerprint,
-                                   trainable_only=self.cfg.checkpoint.trainable_only)  # fmt: skip
+                                   fingerprint=self.fingerprint, trainable_only=self.cfg.checkpoint.trainable_only,
+                                   full_states=full)  # fmt: skip
 
     def load(self, path: Path) -> None:
         """Continue from ``path``, with the run's ``best`` and ``last`` beside it as best and rollback states."""
@@ -269,7 +278,7 @@ class _Trainer:
         checkpoint ``name``)."""
         counters = load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                        scaler=self.scaler, expect={"stage": self.stage}, restore_rng=rng,
-                                       limits=self.limits(), complete=True)  # fmt: skip
+                                       limits=self.limits(), complete=True, sharded=self.sharded)  # fmt: skip
         self.guards.load_state_dict(counters.pop("guards"))
         self.c.update(counters)
         self._phase = None
@@ -386,7 +395,7 @@ class _Trainer:
                         p.grad.mul_(cfg.grad_accum / pending)
             if cfg.grad_clip_value is not None:
                 torch.nn.utils.clip_grad_value_(self.params, cfg.grad_clip_value)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+            grad_norm = fsdp.local_float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
             finite = math.isfinite(grad_norm) or cfg.precision == "fp16"
         action = self.guards.on_step(finite)
         if action == "ok":
@@ -457,7 +466,7 @@ class _Trainer:
         """Validation, collapse guard, plateau, early stopping, checkpoints, logs."""
         cfg, c, s = self.cfg, self.c, self.c["stats"]
         if self.guards.cfg.enabled and any_true(
-            not all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+            not all(bool(torch.isfinite(fsdp.local(p)).all()) for p in self.model.parameters())
         ):
             self.rollback_nonfinite("non-finite weights at the end of the epoch")
             return

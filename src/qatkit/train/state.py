@@ -187,13 +187,16 @@ def save_training_state(
     counters: dict | None = None,
     fingerprint: dict | None = None,
     trainable_only: bool = False,
+    full_states: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write everything needed to continue training exactly where it stopped (atomically); ``trainable_only``
-    leaves out the parameters that do not train (the caller rebuilds them identically before loading)."""
+    leaves out the parameters that do not train (the caller rebuilds them identically before loading).
+    ``full_states``: (model, optimizer) state dicts gathered from a sharded model, used instead of theirs."""
     skip = frozen_parameters(model) if trainable_only else set()
-    tensors = {f"model/{k}": v for k, v in model.state_dict().items() if k not in skip}
+    model_sd, optim_sd = full_states or (model.state_dict(), optimizer.state_dict())
+    tensors = {f"model/{k}": v for k, v in model_sd.items() if k not in skip}
     skeleton = {
-        "optimizer": _split(optimizer.state_dict(), "optim", tensors),
+        "optimizer": _split(optim_sd, "optim", tensors),
         "scheduler": _split(scheduler.state_dict(), "sched", tensors) if scheduler is not None else None,
         "scaler": _split(scaler.state_dict(), "scaler", tensors) if scaler is not None else None,
     }
@@ -241,6 +244,7 @@ def load_training_state(
     restore_rng: bool = True,
     limits: dict[str, int] | None = None,
     complete: bool = False,
+    sharded: bool = False,
 ) -> dict:
     """Restore a state written by :func:`save_training_state`; returns its counters.
 
@@ -259,8 +263,17 @@ def load_training_state(
         frozen = frozen_parameters(model)
         want = {k: v for k, v in want.items() if k not in frozen}
     check_state_fits(path, want, model_sd)
-    model.load_state_dict(model_sd, strict=len(want) == len(model.state_dict()))
-    for name, obj in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+    strict = len(want) == len(model.state_dict())
+    if sharded:  # FSDP: every rank reads the full state into its shards
+        from qatkit.train import fsdp
+
+        fsdp.load_model_state(model, model_sd, strict=strict)
+        if optimizer is not None:
+            _restore_part(path, "optimizer", _Sharded(model, optimizer), parts["optimizer"])
+    else:
+        model.load_state_dict(model_sd, strict=strict)
+        _restore_part(path, "optimizer", optimizer, parts["optimizer"])
+    for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
         _restore_part(path, name, obj, parts[name])
     if restore_rng:
         set_rng_state(meta["rng"], tensors, path)
@@ -280,3 +293,15 @@ def _restore_part(path: str | Path, name: str, obj: Any, state: Any) -> None:
         raise CheckpointError(
             f"{path}: state.{name} does not fit this {name} ({str(e).splitlines()[0][:200]})"
         ) from None
+
+
+class _Sharded:
+    """An FSDP model's optimizer seen through ``load_state_dict`` (a full state keyed by parameter name)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def load_state_dict(self, state: dict) -> None:
+        from qatkit.train import fsdp
+
+        fsdp.load_optimizer_state(self.model, self.optimizer, state)
