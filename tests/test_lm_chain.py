@@ -15,7 +15,7 @@ from qatkit.io.checkpoint import CheckpointError
 from qatkit.lm.checkpoint import load_lut_model
 from qatkit.lm.hf import load_causal_lm
 from qatkit.lm.pack import load_packed, save_packed, snap_model
-from qatkit.lm.rules import LMQuantConfig, LUTRule, bits_per_weight, lut_layers, prepare_lm
+from qatkit.lm.rules import LMQuantConfig, LUTRule, bits_per_weight, dequantized, lut_layers, prepare_lm
 from qatkit.lm.train import lm_train
 from qatkit.nn.lut_linear import LUTLinear
 from qatkit.train.config import TrainConfig
@@ -88,6 +88,18 @@ def test_packed_round_trip_is_exact_and_smaller(tiny_lm_dir, tmp_path):
     assert counted <= report["file_bytes"] <= counted + 16 * 1024  # the file is that plus its header
     config = json.loads((tmp_path / "packed" / "config.json").read_text())
     assert config["format"] == "qatkit-packed-lut" and len(config["layers"]) == 14
+
+
+def test_dequantized_block_gives_the_same_logits_and_puts_the_lut_layers_back(tiny_lm_dir):
+    model, _ = load_causal_lm(tiny_lm_dir)
+    prepare_lm(model, LMQuantConfig())
+    ids = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with dequantized(model):
+            assert not lut_layers(model)
+            got = model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and len(lut_layers(model)) == 14
 
 
 def test_lut_checkpoint_refuses_another_tokenizer_and_foreign_files(tiny_lm_dir, tmp_path):

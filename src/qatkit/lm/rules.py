@@ -7,6 +7,7 @@ Rules match qualified module names with globs (or ``re:REGEX``); a rule that mat
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -190,6 +191,22 @@ def dequantize_lm(model: nn.Module) -> int:
         parent, child = _parent(model, name)
         setattr(parent, child, m.to_linear())
     return len(layers)
+
+
+@contextmanager
+def dequantized(model: nn.Module):
+    """Inside the block every LUT layer is a Linear holding its dequantized weight (same outputs, float speed:
+    generation does not rebuild ``lut[index] ⊙ (A @ B)`` per token); the LUT layers are put back after it."""
+    layers = lut_layers(model)
+    try:
+        for name, m in layers.items():
+            parent, child = _parent(model, name)
+            setattr(parent, child, m.to_linear())
+        yield model
+    finally:
+        for name, m in layers.items():
+            parent, child = _parent(model, name)
+            setattr(parent, child, m)
 
 
 def set_forward_mode(model: nn.Module, mode: str) -> None:

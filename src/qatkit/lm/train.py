@@ -22,7 +22,7 @@ from qatkit.lm.hf import load_causal_lm, model_id, tokenizer_fingerprint
 from qatkit.lm.kd_task import KDTask
 from qatkit.lm.memory import describe, peak_rss_bytes, training_estimate
 from qatkit.lm.quality import health, side_by_side, write_lm_report
-from qatkit.lm.rules import LMQuantConfig, bits_per_weight, lut_layers, prepare_lm, set_trainable
+from qatkit.lm.rules import LMQuantConfig, bits_per_weight, dequantized, lut_layers, prepare_lm, set_trainable
 from qatkit.lm.teacher_data import greedy_answers, read_teacher_answers
 from qatkit.runner.stages import newest_checkpoint, seed_everything
 from qatkit.train import fit
@@ -146,7 +146,11 @@ def quality(model, tok, cache: str | Path, task: KDTask, log=print) -> dict:
         + "".join(f"; {f}" for f in out["health"]["failed"]))  # fmt: skip
     teacher = read_teacher_answers(cache)
     if teacher:
-        student = greedy_answers(model, tok, teacher["prompts"], teacher["chat"])
+        if is_sharded(model):
+            student = greedy_answers(model, tok, teacher["prompts"], teacher["chat"])
+        else:
+            with dequantized(model):
+                student = greedy_answers(model, tok, teacher["prompts"], teacher["chat"])
         out["answers"] = side_by_side(teacher["prompts"], teacher["answers"], student)
     return out
 
