@@ -140,6 +140,28 @@ def test_lm_train_resumed_from_a_step_checkpoint_equals_the_uninterrupted_run(ti
         assert torch.equal(x, y), n
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_activation_checkpointing_trains_the_same_weights(tiny_lm_dir, kd_cache_dir, tmp_path):
+    """Recomputing each decoder layer in the backward pass changes memory, not the gradients."""
+    cfg = TrainConfig(epochs=100, max_steps=3, lr=3e-3, logging={"tensorboard": False})
+    runs = {}
+    for ckpt in (False, True):
+        summary = lm_train(
+            cache=kd_cache_dir,
+            out=tmp_path / str(ckpt),
+            train=cfg,
+            batch_size=2,
+            base=str(tiny_lm_dir),
+            activation_checkpointing=ckpt,
+            progress=False,
+            log=lambda *_: None,
+        )
+        assert summary["activation_checkpointing"] is ckpt
+        runs[ckpt] = load_lut_model(tmp_path / str(ckpt) / "model.safetensors")[0].state_dict()
+    for k, v in runs[False].items():
+        assert torch.allclose(v.float(), runs[True][k].float(), atol=1e-5), k
+
+
 def test_cli_chain_kd_cache_train_convert_snap_generate_plot(tiny_lm_dir, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(SAMPLE_TEXT * 3)

@@ -73,10 +73,14 @@ def lm_train(
     task: KDTask | None = None,
     resume: str | None = None,
     seed: int = 0,
+    activation_checkpointing: bool = False,
     progress: bool = True,
     log=print,
 ) -> dict:
-    """Train, keep the best eval-loss weights, write ``model.safetensors`` and ``summary.json``; return the summary."""
+    """Train, keep the best eval-loss weights, write ``model.safetensors`` and ``summary.json``; return the summary.
+
+    ``activation_checkpointing``: keep only each decoder layer's input for the backward pass and recompute the
+    layer there (Hugging Face's gradient checkpointing): less memory for about one more forward pass per step."""
     out = Path(out)
     train = train.model_copy(update={"monitor": "loss"})  # best = lowest eval KD loss (KD has no accuracy)
     # no in-memory copies of an LM and its optimizer, and no frozen embeddings in its training states
@@ -101,6 +105,9 @@ def lm_train(
         after = kd_eval(model, eval_ds, task)
         summary["v1_to_v2"] = {"kd_loss_before": before["loss"], "kd_loss_after": after["loss"]}
         log(f"V1 -> V2 (indices frozen): eval KD loss {before['loss']:.4f} -> {after['loss']:.4f}")
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    summary["activation_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
     trainable = set_trainable(model, quant.g_only)
     log(f"trainable parameters: {trainable:,}" + (" (magnitudes only)" if quant.g_only else ""))
     summary["memory_estimate"] = training_estimate(model, copies=train.checkpoint.in_memory)
