@@ -138,3 +138,14 @@ def test_bad_shapes():
         kd_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), student_full_logits=torch.zeros(1, 2, 9))
     with pytest.raises(ValueError, match="lm_head_weight"):
         candidate_logits(torch.zeros(1, 2, 3), torch.zeros(5, 4), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def test_candidate_logits_keep_no_gathered_rows_for_backward():
+    """Only hidden, the head weight (a parameter, not a copy) and the ids are kept, not the (B, T, C, H) rows."""
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    weight, ids = torch.randn(50, 16), torch.randint(50, (2, 5, 12))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        candidate_logits(hidden, weight, ids).sum().backward()
+    assert (2, 5, 12, 16) not in saved
+    torch.testing.assert_close(hidden.grad, weight[ids].sum(2))
