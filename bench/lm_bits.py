@@ -115,6 +115,34 @@ def run_progressive(args, name: str, held: torch.Tensor) -> dict:
     return res
 
 
+def table_and_plot(res: dict, png: Path) -> str:
+    """A markdown table of every configuration measured so far, and bits per weight vs perplexity as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    float_ppl = res["float_licence_perplexity"]
+    rows = ["| configuration | bits/weight | licence ppl (x float) | generated ppl | top-1 agreement | KL T=1 |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in sorted(res.get("configs", {}).items(), key=lambda kv: kv[1].get("bits_per_weight", 0)):
+        if "bits_per_weight" not in r:
+            continue
+        rows.append(f"| {name} | {r['bits_per_weight']:.2f} | {r['licence_perplexity']:.1f} "
+                    f"({r['licence_perplexity'] / float_ppl:.2f}x) | {r['generated_perplexity']:.1f} | "
+                    f"{100 * r['top1_agreement']:.1f}% | {r['kl_t1']:.3f} |")  # fmt: skip
+        ax.scatter(r["bits_per_weight"], r["licence_perplexity"])
+        ax.annotate(name, (r["bits_per_weight"], r["licence_perplexity"]), fontsize=7)
+    ax.axvline(2.6, ls="--", c="grey")
+    ax.set(xlabel="bits per weight on disk (LUT layers)", ylabel="held-out licence perplexity",
+           title=f"SmolLM2 LUT students after {res['steps']} KD steps (float {float_ppl:.1f})")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", default="runs/bench_lm_teacher_text/cache", help="KD cache from lm_teacher_text.py")
@@ -151,6 +179,8 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=1))
         print(f"{name}: {json.dumps(out)[:400]} ({time.perf_counter() - t:.0f} s)", flush=True)
+    if not args.progressive:
+        print(table_and_plot(res, path.with_suffix(".png")))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--preset", default="Q2_A4")
+    ap.add_argument("--start", choices=["scratch", "v1", "v2"], default="scratch")
+    ap.add_argument("--checkpoint", default=None, help="LUT checkpoint for --start v1 / v2")
+    ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -113,17 +116,19 @@ def main() -> None:
     sampler.start()
     train = TrainConfig(epochs=1000, max_steps=args.steps, lr=5e-4, schedule="constant", grad_clip=1.0,
                         logging={"tensorboard": False, "quantizer_stats": False})  # fmt: skip
-    out = work / f"run_{args.model}"
+    out = work / f"run_{args.model}_{args.start}{'_ac' if args.activation_checkpointing else ''}"
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    summary = lm_train(cache=cache, out=out, train=train, batch_size=args.batch_size, base=base,
-                       quant=LMQuantConfig(preset=args.preset), task=KDTask(hard_full=0.0), progress=False,
-                       log=sampler.log)  # fmt: skip
+    summary = lm_train(cache=cache, out=out, train=train, batch_size=args.batch_size, base=base, start=args.start,
+                       checkpoint=args.checkpoint, quant=LMQuantConfig(preset=args.preset),
+                       task=KDTask(hard_full=0.0), activation_checkpointing=args.activation_checkpointing,
+                       progress=False, log=sampler.log)  # fmt: skip
     sampler.running = False
     teacher_params = sum(p.numel() for p in load_causal_lm(base)[0].parameters())
     fp32 = teacher_params * 4
     res = {"command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv]),
-           "model": args.model, "parameters": teacher_params, "fp32_bytes": fp32,
+           "model": args.model, "start": args.start, "activation_checkpointing": args.activation_checkpointing,
+           "trainable_parameters": summary.get("trainable_parameters"), "parameters": teacher_params, "fp32_bytes": fp32,
            "peak_rss_bytes": summary["peak_rss_bytes"], "peak_vs_fp32": summary["peak_rss_bytes"] / fp32,
            "estimate": summary["memory_estimate"], "steps": summary["steps"],
            "seconds_per_step": summary["seconds"] / max(summary["steps"], 1), "total_seconds": time.perf_counter() - t,

@@ -106,9 +106,11 @@ def lm_train(
         summary["v1_to_v2"] = {"kd_loss_before": before["loss"], "kd_loss_after": after["loss"]}
         log(f"V1 -> V2 (indices frozen): eval KD loss {before['loss']:.4f} -> {after['loss']:.4f}")
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    summary["activation_checkpointing"] = bool(getattr(model, "is_gradient_checkpointing", False))
-    trainable = set_trainable(model, quant.g_only)
+        enable_activation_checkpointing(model)
+    summary["activation_checkpointing"] = bool(
+        getattr(model, "is_activation_checkpointing", None) or getattr(model, "is_gradient_checkpointing", False)
+    )
+    trainable = summary["trainable_parameters"] = set_trainable(model, quant.g_only)
     log(f"trainable parameters: {trainable:,}" + (" (magnitudes only)" if quant.g_only else ""))
     summary["memory_estimate"] = training_estimate(model, copies=train.checkpoint.in_memory)
     log(describe(summary["memory_estimate"]))
@@ -160,6 +162,14 @@ def quality(model, tok, cache: str | Path, task: KDTask, log=print) -> dict:
                 student = greedy_answers(model, tok, teacher["prompts"], teacher["chat"])
         out["answers"] = side_by_side(teacher["prompts"], teacher["answers"], student)
     return out
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Hugging Face's per-decoder-layer recomputation (named ``activation_checkpointing`` since transformers 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _quiet(*_args, **_kwargs) -> None:
