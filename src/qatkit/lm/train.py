@@ -107,9 +107,12 @@ def lm_train(
         log(f"V1 -> V2 (indices frozen): eval KD loss {before['loss']:.4f} -> {after['loss']:.4f}")
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    summary["activation_checkpointing"] = bool(
-        getattr(model, "is_activation_checkpointing", None) or getattr(model, "is_gradient_checkpointing", False)
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
     )
+    summary["activation_checkpointing"] = bool(getattr(model, flag, False))
     trainable = summary["trainable_parameters"] = set_trainable(model, quant.g_only)
     log(f"trainable parameters: {trainable:,}" + (" (magnitudes only)" if quant.g_only else ""))
     summary["memory_estimate"] = training_estimate(model, copies=train.checkpoint.in_memory)
