@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,13 +26,21 @@ class CheckpointError(ValueError):
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename (all or nothing)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """A temporary name in ``path``'s folder to write to; on success it is fsynced and renamed to ``path``
+    (all or nothing), on failure removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
@@ -53,13 +62,19 @@ def _umask() -> int:
 
 def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
     """Save a state_dict as safetensors with qatkit metadata (JSON-encoded values)."""
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    tensors, storages = {}, set()
+    for k, v in state.items():  # no copies of the state (a 0.6B model's optimizer state is GBs): only tensors
+        t = v.detach().cpu().contiguous()  # that share storage with another (tied weights) are cloned
+        ptr = t.untyped_storage().data_ptr()
+        tensors[k] = t.clone() if ptr in storages and t.numel() else t
+        storages.add(ptr)
     meta = {"format": FORMAT}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
     meta[HASH_KEY] = json.dumps(content_hash(tensors))
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
     return Path(path)
 
 
@@ -70,7 +85,7 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
