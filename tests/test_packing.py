@@ -25,7 +25,7 @@ def _loop_reference(codes: list[int], bits: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("shape", [(7,), (33,), (3, 5, 7), (1,), (8,), (0,)])
 def test_round_trip_and_numpy_reference(bits, shape):
     g = torch.Generator().manual_seed(bits * 100 + len(shape))
@@ -51,6 +51,9 @@ def test_hand_example():
     assert unpack_bits(packed, 2, (4,)).tolist() == [1, 2, 3, 0]
     assert pack_bits(torch.tensor([1, 0, 1]), 1).tolist() == [0b101]
     assert pack_bits(torch.tensor([0xA, 0x5]), 4).tolist() == [0x5A]
+    # 3 bits: 5 = 1,0,1 / 3 = 1,1,0 / 7 = 1,1,1 (lowest bit first) fill byte 0 and spill one bit into byte 1
+    assert pack_bits(torch.tensor([5, 3, 7]), 3).tolist() == [0b11011101, 0b1]
+    assert unpack_bits(torch.tensor([0b11011101, 0b1], dtype=torch.uint8), 3, (3,)).tolist() == [5, 3, 7]
 
 
 def test_accepts_other_integer_dtypes():
@@ -67,6 +70,7 @@ def test_packed_nbytes():
     assert packed_nbytes(5, 2) == 2
     assert packed_nbytes(5, 4) == 3
     assert packed_nbytes(5, 8) == 5
+    assert packed_nbytes(8, 3) == 3 and packed_nbytes(9, 3) == 4 and packed_nbytes(3, 7) == 3
 
 
 def test_errors():
@@ -76,8 +80,11 @@ def test_errors():
         pack_bits(torch.tensor([0, -1]), 4)
     with pytest.raises(ValueError, match="256"):
         pack_bits(torch.tensor([256]), 8)
-    with pytest.raises(ValueError, match="bits must be one of.*3"):
-        pack_bits(torch.tensor([0]), 3)
+    with pytest.raises(ValueError, match="code 8 is out of range"):
+        pack_bits(torch.tensor([0, 8]), 3)
+    for bits in (0, 9):
+        with pytest.raises(ValueError, match="bits must be one of"):
+            pack_bits(torch.tensor([0]), bits)
     with pytest.raises(ValueError, match="integer"):
         pack_bits(torch.tensor([0.5]), 4)
     with pytest.raises(ValueError, match="bits must be one of"):

@@ -144,7 +144,7 @@ def lm_train_cmd(
     lr: float = typer.Option(5e-5, "--lr", min=0.0),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     save_steps: int = typer.Option(0, "--save-steps", min=0, help="Training-state checkpoint every N steps."),
-    preset: str = typer.Option("Q2_A4", "--preset", help="Q2_A4, Q4_A4 or Q4_A8 (with --from-scratch)."),
+    preset: str = typer.Option("Q2_A4", "--preset", help="Q2_A3, Q2_A4, Q4_A4 or Q4_A8 (with --from-scratch)."),
     quant_config: Optional[Path] = typer.Option(None, "--quant-config", help="YAML LMQuantConfig (rules per group)."),
     form: str = typer.Option("v1", "--form", help="Scale form for --from-scratch: v1 or v2."),
     ste_fp16: bool = typer.Option(False, "--ste-fp16", help="Train on FP16-rounded tables and scales."),

@@ -36,6 +36,12 @@ def snap_model(model: nn.Module) -> int:
 
 
 def _code_bits(bits: int) -> int:
+    """Codes are packed at the table's own width (3-bit tables: 3 bits per weight on disk)."""
+    return bits
+
+
+def _legacy_code_bits(bits: int) -> int:
+    """The width earlier versions packed codes at (whole codes per byte): still read."""
     return 1 if bits == 1 else 2 if bits == 2 else 4 if bits <= 4 else 8
 
 
@@ -88,16 +94,17 @@ def _check_layer_info(source: Path, name: str, info: dict, m: LUTLinear) -> None
         if type(info[key]) is not int or info[key] != getattr(m, key):
             raise CheckpointError(f"{source}: layers: {name!r}: {key} is {info[key]!r}, the model's layer has "
                                   f"{getattr(m, key)}")  # fmt: skip
-    if type(info["code_bits"]) is not int or info["code_bits"] != _code_bits(m.spec.bits):
+    allowed = {_code_bits(m.spec.bits), _legacy_code_bits(m.spec.bits)}
+    if type(info["code_bits"]) is not int or info["code_bits"] not in allowed:
         raise CheckpointError(f"{source}: layers: {name!r}: code_bits is {info['code_bits']!r}; {m.spec.bits}-bit "
                               f"tables are packed as {_code_bits(m.spec.bits)}-bit codes")  # fmt: skip
 
 
-def _packed_tensors(layers: dict[str, LUTLinear]) -> dict[str, torch.Tensor]:
+def _packed_tensors(layers: dict[str, LUTLinear], info: dict) -> dict[str, torch.Tensor]:
     """What a packed file holds for these layers, on the meta device: codes, FP16 table and scales, bias."""
     want = {}
     for name, m in layers.items():
-        nbytes = packed_nbytes(m.index.numel(), _code_bits(m.spec.bits))
+        nbytes = packed_nbytes(m.index.numel(), info[name]["code_bits"])
         want[f"{name}.codes"] = torch.empty(nbytes, dtype=torch.uint8, device="meta")
         want[f"{name}.lut"] = m.lut.to("meta", torch.float16)
         want.update({f"{name}.{s}": p.to("meta", torch.float16) for s, p in m.scale_params().items()})
@@ -118,12 +125,12 @@ def apply_packed(model: nn.Module, folder: str | Path, tokenizer_fp: str | None 
     templates = lut_templates(folder / "config.json", model, specs)
     for name, m in templates.items():
         _check_layer_info(folder / "config.json", name, config["layers"][name], m)
-    check_state_fits(path, _packed_tensors(templates), tensors)
+    check_state_fits(path, _packed_tensors(templates, config["layers"]), tensors)
     rebuild_lm(model, specs)
     layers = lut_layers(model)
     for name in templates:
         m = layers[name]
-        index = unpack_bits(tensors[f"{name}.codes"], _code_bits(m.spec.bits), tuple(m.index.shape))
+        index = unpack_bits(tensors[f"{name}.codes"], config["layers"][name]["code_bits"], tuple(m.index.shape))
         check_indices(path, f"{name}.codes", index, m.lut.shape[1])
         m.index.copy_(index)
         m.lut.copy_(tensors[f"{name}.lut"].float())

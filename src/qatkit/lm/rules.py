@@ -47,7 +47,8 @@ def _preset(mlp_bits: int, mlp_rank: int, attn_bits: int, attn_rank: int) -> lis
 
 
 PRESETS = {
-    "Q2_A4": lambda: _preset(2, 32, 4, 8),
+    "Q2_A3": lambda: _preset(2, 4, 3, 4),  # 2.56 bits per weight on disk: the best point <= 2.6 (bench/lm_bits.py)
+    "Q2_A4": lambda: _preset(2, 32, 4, 8),  # 3.73 bits per weight
     "Q4_A4": lambda: _preset(4, 4, 4, 4),
     "Q4_A8": lambda: _preset(4, 8, 8, 8),
 }
@@ -56,7 +57,7 @@ PRESETS = {
 class LMQuantConfig(Strict):
     """LUT quantization of an LM: a preset or rules, the scale form, and the training switches."""
 
-    preset: Optional[Literal["Q2_A4", "Q4_A4", "Q4_A8"]] = "Q2_A4"
+    preset: Optional[Literal["Q2_A3", "Q2_A4", "Q4_A4", "Q4_A8"]] = "Q2_A4"
     rules: list[LUTRule] = []
     form: Literal["v1", "v2"] = "v1"
     ste_fp16: bool = False
@@ -66,7 +67,7 @@ class LMQuantConfig(Strict):
     @model_validator(mode="after")
     def _check(self) -> LMQuantConfig:
         if self.preset is None and not self.rules:
-            raise ValueError("give a preset (Q2_A4, Q4_A4, Q4_A8) or at least one rule")
+            raise ValueError(f"give a preset ({', '.join(PRESETS)}) or at least one rule")
         if self.g_only and self.form != "v2":
             raise ValueError("g_only trains the V2 magnitudes only; it needs form: v2")
         return self

@@ -1,6 +1,8 @@
 """Bit packing of low-bit integer codes into bytes, for compact storage of quantized weights.
 
-Codes are packed little-endian within a byte: the first code sits in the lowest bits.
+Codes are packed as a little-endian bit stream: the first code sits in the lowest bits of the first byte, and a
+code of a width that does not divide 8 (3, 5, 6, 7 bits) continues in the next byte, so N codes of b bits take
+ceil(N * b / 8) bytes. For 1, 2, 4 and 8 bits that is the plain layout of whole codes per byte.
 """
 
 from __future__ import annotations
@@ -9,22 +11,34 @@ import math
 
 import torch
 
-SUPPORTED_BITS = (1, 2, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def _check_bits(bits: int) -> int:
-    """Return how many codes fit in one byte; reject widths that do not divide a byte."""
+    """Return how many whole codes fit in one byte (0 where the width does not divide 8)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    return 8 // bits
+    return 8 // bits if 8 % bits == 0 else 0
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
     """Bytes needed to pack ``numel`` codes of ``bits`` bits each (the last byte zero-padded)."""
-    per_byte = _check_bits(bits)
+    _check_bits(bits)
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
-    return math.ceil(numel / per_byte)
+    return math.ceil(numel * bits / 8)
+
+
+def _bit_stream(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Each uint8 value as ``width`` 0/1 bytes, lowest bit first, concatenated."""
+    shifts = torch.arange(width, dtype=torch.uint8, device=values.device)
+    return ((values.unsqueeze(1) >> shifts) & 1).reshape(-1)
+
+
+def _from_bit_stream(stream: torch.Tensor, width: int) -> torch.Tensor:
+    """Groups of ``width`` 0/1 bytes (lowest bit first) as uint8 values."""
+    shifts = torch.arange(width, dtype=torch.uint8, device=stream.device)
+    return (stream.view(-1, width) << shifts).sum(1, dtype=torch.uint8)
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -41,6 +55,10 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = flat.to(torch.uint8)
     if per_byte == 1:
         return flat.clone()
+    if per_byte == 0:  # 3, 5, 6, 7 bits: through a bit stream
+        stream = _bit_stream(flat, bits)
+        stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)])
+        return _from_bit_stream(stream, 8)
     pad = (-flat.numel()) % per_byte
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
@@ -66,6 +84,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torc
         raise ValueError(f"packed has {flat.numel()} bytes but shape {shape} at {bits} bits needs {expected}")
     if per_byte == 1:
         return flat.clone().view(shape)
+    if per_byte == 0:
+        return _from_bit_stream(_bit_stream(flat, 8)[: numel * bits], bits).view(shape)
     mask = (1 << bits) - 1
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=flat.device)
     codes = (flat.unsqueeze(1) >> shifts) & mask
