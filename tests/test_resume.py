@@ -3,6 +3,7 @@ crash at any point resumes to run exactly the remaining steps, with every tensor
 
 import copy
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from conftest import ONE_THREAD
 from crash import Crash, record_steps
 from qatkit import calibrate, prepare
 from qatkit.components.datasets import load_digits
@@ -47,8 +49,10 @@ RECIPE = {
 
 
 def start(recipe: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """A ``qatkit run`` process on one thread: runs compared bit for bit must not differ by MKL's threading."""
     cmd = [sys.executable, "-m", "qatkit", "run", str(recipe), "--out", str(out), "--no-progress", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, **ONE_THREAD)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def wait_for_step_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float = 120) -> None:
