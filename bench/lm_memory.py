@@ -5,6 +5,7 @@ beforehand, in its own process). A sampler thread reads the resident set size ev
 the stage ``lm_train`` last logged (preparing the LUT layers, training, evaluation, answers), so the table shows
 where the peak is. The result is compared with the model's FP32 size and the estimate printed before training.
 
+    .venv/bin/python bench/lm_memory.py --model smollm2 --stage cache
     .venv/bin/python bench/lm_memory.py --model smollm2 --steps 3 --json bench/results/lm_memory_smollm2.json
     .venv/bin/python bench/lm_memory.py --model qwen3-0.6b-shaped --stage cache
     .venv/bin/python bench/lm_memory.py --model qwen3-0.6b-shaped --steps 3 --batch-size 2 \\
@@ -77,15 +78,22 @@ def qwen3_shaped(folder: Path) -> Path:
     return folder
 
 
+def base_and_cache(args, work: Path) -> tuple[str, Path]:
+    """The model to train and its KD cache (``--cache``, or the one ``--stage cache`` builds in ``work``)."""
+    if args.model == "smollm2":
+        return "smollm2", Path(args.cache or work / "smollm2_cache")
+    return str(qwen3_shaped(work / "qwen3_0.6b_shaped")), Path(args.cache or work / "qwen3_cache")
+
+
 def build_cache(args, work: Path) -> None:
-    """The Qwen3-shaped model's own KD cache over licence text (the SmolLM2 runs use the teacher-text cache)."""
-    base = qwen3_shaped(work / "qwen3_0.6b_shaped")
+    """The model's own KD cache over licence text (top-64 + 64 negatives, windows of 128 tokens): memory and step
+    time depend on its shape, not on which text it holds."""
+    base, cache = base_and_cache(args, work)
     teacher, tok = load_causal_lm(base)
     files = sorted(p for p in LICENCES.iterdir() if p.is_file() and not p.is_symlink())
     seqs = tokenize_corpus(read_texts(files), tok, 128)[: args.windows]
-    shutil.rmtree(work / "qwen3_cache", ignore_errors=True)
-    build_kd_cache(teacher, tok, seqs, work / "qwen3_cache", teacher_name="qwen3-0.6b-shaped", top_k=64,
-                   negatives=64, eval_fraction=0.1)  # fmt: skip
+    shutil.rmtree(cache, ignore_errors=True)
+    build_kd_cache(teacher, tok, seqs, cache, teacher_name=args.model, top_k=64, negatives=64, eval_fraction=0.1)
 
 
 def main() -> None:
@@ -93,14 +101,15 @@ def main() -> None:
     ap.add_argument("--model", choices=["smollm2", "qwen3-0.6b-shaped"], default="smollm2")
     ap.add_argument("--stage", choices=["cache", "train"], default="train")
     ap.add_argument("--work", default="runs/bench_lm_memory")
-    ap.add_argument("--cache", default="runs/bench_lm_teacher_text/cache", help="SmolLM2's KD cache")
-    ap.add_argument("--windows", type=int, default=40, help="windows in the Qwen3-shaped model's cache")
+    ap.add_argument("--cache", default=None, help="a KD cache for the model (default: the one --stage cache builds)")
+    ap.add_argument("--windows", type=int, default=40, help="windows of 128 tokens in the cache --stage cache builds")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--preset", default="Q2_A4")
     ap.add_argument("--start", choices=["scratch", "v1", "v2"], default="scratch")
     ap.add_argument("--checkpoint", default=None, help="LUT checkpoint for --start v1 / v2")
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--lean-memory", action="store_true", help="lm-train --lean-memory (glibc mmap threshold 1 MiB)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -109,25 +118,25 @@ def main() -> None:
     if args.stage == "cache":
         build_cache(args, work)
         return
-    smol = args.model == "smollm2"
-    base = "smollm2" if smol else str(qwen3_shaped(work / "qwen3_0.6b_shaped"))
-    cache = args.cache if smol else work / "qwen3_cache"
+    base, cache = base_and_cache(args, work)
     sampler = Sampler()
     sampler.start()
     train = TrainConfig(epochs=1000, max_steps=args.steps, lr=5e-4, schedule="constant", grad_clip=1.0,
                         logging={"tensorboard": False, "quantizer_stats": False})  # fmt: skip
     out = work / f"run_{args.model}_{args.start}{'_ac' if args.activation_checkpointing else ''}"
+    out = out.with_name(out.name + ("_lean" if args.lean_memory else ""))
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     summary = lm_train(cache=cache, out=out, train=train, batch_size=args.batch_size, base=base, start=args.start,
                        checkpoint=args.checkpoint, quant=LMQuantConfig(preset=args.preset),
                        task=KDTask(hard_full=0.0), activation_checkpointing=args.activation_checkpointing,
-                       progress=False, log=sampler.log)  # fmt: skip
+                       lean_memory=args.lean_memory, progress=False, log=sampler.log)  # fmt: skip
     sampler.running = False
     teacher_params = sum(p.numel() for p in load_causal_lm(base)[0].parameters())
     fp32 = teacher_params * 4
     res = {"command": " ".join(shlex.quote(a) for a in [sys.executable.split("/")[-1], *sys.argv]),
            "model": args.model, "start": args.start, "activation_checkpointing": args.activation_checkpointing,
+           "lean_memory": args.lean_memory, "preset": args.preset, "batch_size": args.batch_size,
            "trainable_parameters": summary.get("trainable_parameters"), "parameters": teacher_params, "fp32_bytes": fp32,
            "peak_rss_bytes": summary["peak_rss_bytes"], "peak_vs_fp32": summary["peak_rss_bytes"] / fp32,
            "estimate": summary["memory_estimate"], "steps": summary["steps"],

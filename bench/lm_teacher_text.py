@@ -8,6 +8,7 @@ at T=1, teacher top-1 agreement, perplexity) and the health verdict; the packed 
 questions greedily beside the teacher. Writes a JSON with every number and the command.
 
     .venv/bin/python bench/lm_teacher_text.py --documents 400 --steps 280 --json bench/results/lm_teacher_text.json
+    .venv/bin/python bench/lm_teacher_text.py --documents 320 --cache-only   # the cache bench/lm_bits.py reads
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--preset", default="Q2_A4")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reuse-run", action="store_true", help="WORK/run finished: only snap, pack and measure")
+    ap.add_argument("--cache-only", action="store_true", help="write the teacher text and KD cache, no training")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,7 +95,12 @@ def main() -> None:
         answers = td.read_teacher_answers(cache)["answers"]
         summary = json.loads((work / "run" / "summary.json").read_text())
     else:
-        answers, summary = train_student(args, teacher, tok, cache, held, res)
+        answers = build_cache(args, teacher, tok, cache, held, res)
+        if args.cache_only:
+            print(json.dumps({k: res[k] for k in ("generation", "float_licence_perplexity")}, indent=1, default=str))
+            return
+        del teacher
+        summary = train_student(args, cache)
     keys = ("steps", "seconds", "eval_by_source", "health", "answers", "bits", "memory_estimate", "peak_rss_bytes")
     res["train"] = {k: summary[k] for k in keys}
     from qatkit.lm.checkpoint import load_lut_model
@@ -118,8 +125,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
 
 
-def train_student(args, teacher, tok, cache: Path, held, res: dict) -> tuple[list[str], dict]:
-    """Teacher text, the KD cache and the teacher's answers, then lm-train; returns the answers and summary."""
+def build_cache(args, teacher, tok, cache: Path, held, res: dict) -> list[str]:
+    """Teacher text, the KD cache and the teacher's answers to the check questions (returned)."""
     qs = questions()
     cfg = td.GenerationConfig(args.documents, args.gen_tokens, 1.0, 0.95, seed=0, block=args.block, chat=True,
                               prompts=qs)  # fmt: skip
@@ -139,13 +146,17 @@ def train_student(args, teacher, tok, cache: Path, held, res: dict) -> tuple[lis
     res["cache"] = {"sources": sources, "seconds": time.perf_counter() - t}
     res["float_licence_perplexity"] = perplexity(teacher, held)["perplexity"]
     print(f"float: held-out licence perplexity {res['float_licence_perplexity']:.2f}", flush=True)
-    del teacher
+    return answers
+
+
+def train_student(args, cache: Path) -> dict:
+    """lm-train of the preset from the float model on the cache; returns its summary."""
     train = TrainConfig(epochs=1000, max_steps=args.steps, lr=args.lr, schedule="cosine", warmup_epochs=0.1,
                         weight_decay=0.0, grad_clip=1.0, logging={"step_csv": True, "quantizer_stats": False})  # fmt: skip
     summary = lm_train(cache=cache, out=Path(args.work) / "run", train=train, batch_size=args.batch_size,
                        base="smollm2", quant=LMQuantConfig(preset=args.preset), task=KDTask(hard_full=0.0),
                        progress=False)  # fmt: skip
-    return answers, summary
+    return summary
 
 
 if __name__ == "__main__":

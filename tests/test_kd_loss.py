@@ -149,3 +149,25 @@ def test_candidate_logits_keep_no_gathered_rows_for_backward():
         candidate_logits(hidden, weight, ids).sum().backward()
     assert (2, 5, 12, 16) not in saved
     torch.testing.assert_close(hidden.grad, weight[ids].sum(2))
+
+
+def test_candidate_logits_in_chunks_match_plain_autograd(monkeypatch):
+    """Positions in chunks of 3 (a gather budget of 3 positions): the same logits and gradients as autograd's
+    einsum over the whole gathered (B, T, C, H) tensor."""
+    import qatkit.lm.kd_loss as kd
+
+    g = torch.Generator().manual_seed(3)
+    B, L, H, V, C = 2, 5, 4, 11, 6
+    hidden = torch.randn(B, L, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(V, (B, L, C), generator=g)
+    upstream = torch.randn(B, L, C, generator=g, dtype=torch.float64)
+    want = torch.einsum("bth,btch->btc", hidden, weight[ids])
+    want_grads = torch.autograd.grad((want * upstream).sum(), (hidden, weight))
+    monkeypatch.setattr(kd, "GATHER_ELEMENTS", 3 * C * H)
+    assert len(kd._chunks(ids.reshape(-1, C), H)) == 4  # 10 positions: 3 + 3 + 3 + 1
+    got = candidate_logits(hidden, weight, ids)
+    got_grads = torch.autograd.grad((got * upstream).sum(), (hidden, weight))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

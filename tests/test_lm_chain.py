@@ -119,6 +119,36 @@ def test_lut_checkpoint_refuses_another_tokenizer_and_foreign_files(tiny_lm_dir,
     assert all(isinstance(m, LUTLinear) for m in lut_layers(fresh).values())
 
 
+def test_v2_checkpoint_holds_no_latent_weights_and_reloads_to_the_same_logits(tiny_lm_dir, tmp_path):
+    from safetensors import safe_open
+
+    from qatkit.lm.checkpoint import apply_lut_checkpoint, save_lut_model
+    from qatkit.lm.convert import v1_to_v2
+
+    model, _ = load_causal_lm(tiny_lm_dir)
+    prepare_lm(model, LMQuantConfig(preset="Q2_A4"))
+    v1 = tmp_path / "v1.safetensors"
+    save_lut_model(v1, model, base=str(tiny_lm_dir), tokenizer_fp="abc")
+    v1_to_v2(model)
+    assert not any(m.has_latent for m in lut_layers(model).values())
+    v2 = tmp_path / "v2.safetensors"
+    save_lut_model(v2, model, base=str(tiny_lm_dir), tokenizer_fp="abc")
+    with safe_open(str(v2), "pt") as f:
+        assert all(f.get_slice(k).get_shape() == [0] for k in f.keys() if k.endswith(".weight"))
+    latent_bytes = 4 * sum(m.num_weights for m in lut_layers(model).values())
+    saved = v1.stat().st_size - v2.stat().st_size  # the V1 file's FP32 latent weights (V2's magnitudes and longer
+    assert abs(saved - latent_bytes) <= 4096  # header take back a little)
+    ids = torch.arange(3, 19).reshape(2, 8)
+    for path in (v2, v1):  # a V1 file reloads with latent weights; converted, it computes what the V2 file does
+        fresh, _ = load_causal_lm(tiny_lm_dir)
+        apply_lut_checkpoint(fresh, path, tokenizer_fp="abc")
+        assert all(m.has_latent == (path == v1) for m in lut_layers(fresh).values())
+        if path == v1:
+            v1_to_v2(fresh)
+        with torch.no_grad():
+            assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_lm_train_resumed_from_a_step_checkpoint_equals_the_uninterrupted_run(tiny_lm_dir, kd_cache_dir, tmp_path):
     cfg = TrainConfig(epochs=100, max_steps=6, lr=3e-3, schedule="constant", weight_decay=0.0,

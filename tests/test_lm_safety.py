@@ -223,6 +223,7 @@ LUT_CASES = {
     "index range": (lambda t: t[f"{UP}.index"].fill_(200), None, rf"'{UP}.index' holds index 200, .* only 8 entries"),
     "index dtype": (lambda t: t.update({f"{UP}.index": t[f"{UP}.index"].long()}), None, r"index has dtype torch.int64"),
     "nan weight": (_nan(f"{UP}.weight"), None, rf"tensor '{UP}.weight' holds 1 NaN or inf"),
+    "no latent": (lambda t: t.update({f"{UP}.weight": torch.zeros(0)}), None, rf"{UP}.weight has shape \(0,\)"),
     "overflow": (lambda t: _scale(t, 1e30), None, rf"layer '{UP}': table values times scales overflow"),
     "empty name": (lambda t: None, lambda m: _rename({"layers": m["layers"]}, ""), r"layers: '' is not a Linear"),
     "settings": (lambda t: None, lambda m: _set(m, ("layers", UP, "rank"), 3), rf"{UP}.scale_a has shape \(64, 2\)"),
@@ -237,6 +238,18 @@ def test_lut_checkpoint_refused_naming_the_problem(made, tmp_path, case):
     path = lut_copy(made, tmp_path, tensors, meta)
     with pytest.raises(CheckpointError, match="lut.safetensors: .*" + match):
         apply_lut_checkpoint(fresh(made), path, made.fp)
+
+
+def test_lut_checkpoint_altered_after_writing_is_refused_before_the_model_changes(made, tmp_path):
+    """The file is read one tensor at a time; a flipped bit anywhere is found before any layer is replaced."""
+    path = lut_copy(made, tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01
+    path.write_bytes(bytes(raw))
+    model = fresh(made)
+    with pytest.raises(CheckpointError, match="lut.safetensors: content hash mismatch"):
+        apply_lut_checkpoint(model, path, made.fp)
+    assert not lut_layers(model)
 
 
 def test_lut_spec_from_dict_refuses_unknown_keys_and_wrong_types():

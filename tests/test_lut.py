@@ -131,11 +131,32 @@ def test_freeze_q_keeps_function_and_only_scales_and_table_train():
     assert torch.equal(y0, y1)
     y1.sum().backward()
     assert m.weight.grad is None and m.scale_a.grad is not None and m.lut.grad is not None
+    assert not m.has_latent and m.num_weights == 128  # the latent weight is released: the indices stand for it
     state = m.state_dict()
-    assert bool(state["frozen"]) and state["index"].dtype == torch.uint8
-    fresh = LUTLinear(16, 8, False, m.spec)
+    assert bool(state["frozen"]) and state["index"].dtype == torch.uint8 and state["weight"].shape == (0,)
+    fresh = LUTLinear(16, 8, False, m.spec)  # built with a latent weight: takes the state without one
     fresh.load_state_dict(state)
-    assert not fresh.weight.requires_grad and torch.equal(fresh(x), y1)
+    assert not fresh.has_latent and not fresh.weight.requires_grad and torch.equal(fresh(x), y1)
+    lean = LUTLinear(16, 8, False, m.spec, latent=False)
+    lean.load_state_dict(state)
+    assert torch.equal(lean(x), y1)
+
+
+def test_frozen_state_with_a_latent_weight_loads_and_releases_it_and_an_unfrozen_one_gets_it_back():
+    torch.manual_seed(2)
+    m = LUTLinear.from_linear(nn.Linear(16, 8), LUTSpec(bits=2, rank=2))
+    x = torch.randn(4, 16)
+    unfrozen = {k: v.clone() for k, v in m.state_dict().items()}
+    y_unfrozen = m(x)
+    m.freeze_q()
+    old_style = {**m.state_dict(), "weight": unfrozen["weight"]}  # frozen indices saved with their latent weight
+    fresh = LUTLinear(16, 8, True, m.spec)
+    fresh.load_state_dict(old_style)
+    assert not fresh.has_latent and torch.equal(fresh(x), m(x))
+    fresh.load_state_dict(unfrozen)  # e.g. a snapshot taken before freeze_q: latent weight back, training again
+    assert fresh.has_latent and fresh.weight.requires_grad and torch.equal(fresh(x), y_unfrozen)
+    with pytest.raises(ValueError, match="freeze_q first"):
+        fresh.release_weight()
 
 
 def test_v2_conversion_and_rank_expansion_keep_the_layer_function():

@@ -170,6 +170,11 @@ def lm_train_cmd(
         "--activation-checkpointing",
         help="Recompute each decoder layer in the backward pass: less memory, ~1/3 more time.",
     ),
+    lean_memory: bool = typer.Option(
+        False,
+        "--lean-memory",
+        help="Return freed blocks of 1 MiB or more to the system at once (glibc): a lower peak RSS, slower steps.",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """KD-QAT of a causal LM's LUT layers from a KD cache (training_log: OUT/lm_steps.csv, OUT/lm_train.csv)."""
@@ -190,7 +195,7 @@ def lm_train_cmd(
     summary = lm_train(cache=cache, out=out, train=cfg, batch_size=batch_size, start=starts[0], base=model,
                        checkpoint=v1_checkpoint or v2_checkpoint, quant=quant,
                        task=KDTask(temperature, hard_top1, hard_full), resume=resume, seed=seed,
-                       activation_checkpointing=activation_checkpointing,
+                       activation_checkpointing=activation_checkpointing, lean_memory=lean_memory,
                        progress=not no_progress and console.is_terminal, log=console.print)  # fmt: skip
     first, best = summary.get("first_eval") or {}, summary["best_metrics"]
     console.print(f"{summary['steps']} steps in {summary['seconds']:.0f} s; eval KD loss "

@@ -82,11 +82,15 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the tensors' names, dtypes, shapes and raw bytes, so a flipped bit anywhere is detected."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        _hash_tensor(h, name, tensors[name])
     return h.hexdigest()
+
+
+def _hash_tensor(h, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def require_regular_file(path: str | Path) -> None:
@@ -129,11 +133,7 @@ def load_weights(path: str | Path, expect: dict | None = None, allow_foreign: bo
     from safetensors.torch import load_file
 
     path = Path(path)
-    require_regular_file(path)
-    meta = read_metadata(path, allow_foreign=allow_foreign and not expect)
-    for key, want in (expect or {}).items():
-        if meta.get(key) != want:
-            raise CheckpointError(f"{path}: checkpoint is for {key}={meta.get(key)!r}, this run has {key}={want!r}")
+    meta = _checked_metadata(path, expect, allow_foreign)
     try:
         tensors = load_file(str(path))
     except Exception as e:
@@ -146,6 +146,60 @@ def load_weights(path: str | Path, expect: dict | None = None, allow_foreign: bo
     return tensors
 
 
+def _checked_metadata(path: Path, expect: dict | None, allow_foreign: bool = False) -> dict:
+    require_regular_file(path)
+    meta = read_metadata(path, allow_foreign=allow_foreign and not expect)
+    for key, want in (expect or {}).items():
+        if meta.get(key) != want:
+            raise CheckpointError(f"{path}: checkpoint is for {key}={meta.get(key)!r}, this run has {key}={want!r}")
+    return meta
+
+
+def verify_weights(path: str | Path, expect: dict | None = None, check=None) -> dict[str, torch.Tensor]:
+    """Check a qatkit checkpoint as ``load_weights`` does (metadata, content hash, finite values) reading one
+    tensor at a time, so the whole file never sits in memory; ``check(name, tensor)`` sees each tensor once and
+    may raise CheckpointError (reported after the hash). Returns empty meta-device tensors of each stored name,
+    shape and dtype, to check against a model before ``read_tensors`` loads what it needs."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    meta = _checked_metadata(path, expect)
+    if HASH_KEY not in meta:
+        raise CheckpointError(f"{path}: no content hash in the metadata (written by an older qatkit; rerun the stage)")
+    h, shapes, problem = hashlib.sha256(), {}, None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name)
+                _hash_tensor(h, name, t)
+                shapes[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                try:
+                    if problem is None:
+                        check_finite(path, {name: t})
+                        if check is not None:
+                            check(name, t)
+                except CheckpointError as e:
+                    problem = e
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
+    if meta[HASH_KEY] != h.hexdigest():
+        raise CheckpointError(f"{path}: content hash mismatch: the file was altered or damaged after it was written")
+    if problem is not None:
+        raise problem
+    return shapes
+
+
+def read_tensors(path: str | Path, names) -> dict[str, torch.Tensor]:
+    """The named tensors of a checkpoint ``verify_weights`` has checked (a few at a time: layer by layer)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {n: f.get_tensor(n) for n in names}
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
+
+
 def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse NaN or inf in any floating-point tensor, naming the first such tensor."""
     for name, t in tensors.items():
@@ -154,8 +208,11 @@ def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
             raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or inf value(s) of {t.numel()}")
 
 
-def check_state_fits(path: str | Path, want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> None:
-    """Refuse a loaded state dict whose keys or shapes differ from the model's, naming the first differences."""
+def check_state_fits(
+    path: str | Path, want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], finite: bool = True
+) -> None:
+    """Refuse a loaded state dict whose keys or shapes differ from the model's, naming the first differences;
+    ``finite=False`` for ``got`` on the meta device (``verify_weights`` checked the values)."""
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or unexpected:
         raise CheckpointError(
@@ -166,7 +223,8 @@ def check_state_fits(path: str | Path, want: dict[str, torch.Tensor], got: dict[
             raise CheckpointError(f"{path}: {k} has shape {tuple(got[k].shape)}, the model has {tuple(v.shape)}")
         if v.dtype != got[k].dtype:
             raise CheckpointError(f"{path}: {k} has dtype {got[k].dtype}, the model has {v.dtype}")
-    check_finite(path, got)
+    if finite:
+        check_finite(path, got)
 
 
 def _short(e: Exception) -> str:

@@ -8,12 +8,20 @@ names, shapes, dtypes and finiteness against the layers they rebuild, indices ag
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from qatkit.io.checkpoint import CheckpointError, check_state_fits, load_weights, read_metadata, save_weights
+from qatkit.io.checkpoint import (
+    CheckpointError,
+    check_state_fits,
+    read_metadata,
+    read_tensors,
+    save_weights,
+    verify_weights,
+)
 from qatkit.lm.rules import layer_specs, lut_layers, rebuild_lm, set_trainable
 from qatkit.nn.lut_linear import LUTLinear, LUTSpec
 
@@ -44,8 +52,9 @@ def check_record(source: str | Path, record: dict) -> None:
         raise CheckpointError(f"{source}: 'layers' must be a non-empty mapping of layer name to LUT settings")
 
 
-def lut_templates(source: str | Path, model: nn.Module, specs: dict) -> dict[str, LUTLinear]:
-    """The LUT layers ``specs`` describe, empty on the meta device (no memory), to check tensors against.
+def lut_templates(source: str | Path, model: nn.Module, specs: dict, released: Collection[str] = ()) -> dict:
+    """The LUT layers ``specs`` describe, empty on the meta device (no memory), to check tensors against; those in
+    ``released`` without a latent weight.
 
     Refuses a name that is not a Linear layer of ``model`` and invalid settings; an existing LUT layer is its own.
     """
@@ -61,7 +70,7 @@ def lut_templates(source: str | Path, model: nn.Module, specs: dict) -> dict[str
             s = LUTSpec.from_dict(spec)
             with torch.device("meta"):
                 out[name] = m if isinstance(m, LUTLinear) else LUTLinear(m.in_features, m.out_features,
-                                                                         m.bias is not None, s)  # fmt: skip
+                                                                         m.bias is not None, s, name not in released)  # fmt: skip
         except ValueError as e:
             raise CheckpointError(f"{source}: layers: {name!r}: {e}") from None
     return out
@@ -90,23 +99,44 @@ def read_lut_metadata(path: str | Path) -> dict:
 
 
 def apply_lut_checkpoint(model: nn.Module, path: str | Path, tokenizer_fp: str | None = None) -> dict:
-    """Give ``model`` (the float base) the checkpoint's LUT layers and load their state; returns the metadata."""
+    """Give ``model`` (the float base) the checkpoint's LUT layers and load their state; returns the metadata.
+
+    The file is checked in full first, one tensor at a time, then read layer by layer as each float layer is
+    replaced: the checkpoint never sits in memory next to the float weights it replaces."""
     meta = read_lut_metadata(path)
     if tokenizer_fp is not None and meta["tokenizer"] != tokenizer_fp:
         raise CheckpointError(f"{path}: made with another tokenizer (fingerprint {meta['tokenizer']}, this model's "
                               f"tokenizer is {tokenizer_fp})")  # fmt: skip
-    state = load_weights(path)
-    templates = lut_templates(path, model, meta["layers"])
-    check_state_fits(path, {f"{n}.{k}": v for n, m in templates.items() for k, v in m.state_dict().items()}, state)
-    for n, m in templates.items():
-        check_indices(path, f"{n}.index", state[f"{n}.index"], m.lut.shape[1])
-    rebuild_lm(model, meta["layers"])
-    model.load_state_dict(state, strict=False)
-    layers = lut_layers(model)
+    layers = meta["layers"]
+    full = lut_templates(path, model, layers)
+    flags = {}
+
+    def check(name: str, t: torch.Tensor) -> None:  # on each tensor as it is read
+        layer, _, key = name.rpartition(".")
+        m = full.get(layer)
+        if m is not None and key == "index" and t.dtype == torch.uint8 and t.shape == m.index.shape:
+            check_indices(path, name, t, m.lut.shape[1])
+        if m is not None and key in ("frozen", "weight"):
+            flags[name] = t.numel() == 0 if key == "weight" else t.numel() == 1 and bool(t)
+
+    stored = verify_weights(path, check=check)
+    released = {n for n in layers if flags.get(f"{n}.frozen") and flags.get(f"{n}.weight")}
+    templates = lut_templates(path, model, layers, released)
+    check_state_fits(path, layer_state(templates), stored, finite=False)
     for n in templates:
-        check_weight_finite(path, n, layers[n].dequantized_weight())
+        rebuild_lm(model, {n: layers[n]}, released)
+        m = model.get_submodule(n)
+        got = read_tensors(path, [f"{n}.{k}" for k in m.state_dict()])
+        m.load_state_dict({k.removeprefix(f"{n}."): v for k, v in got.items()})
+    for n in templates:
+        check_weight_finite(path, n, model.get_submodule(n).dequantized_weight())
     set_trainable(model)
     return meta
+
+
+def layer_state(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The state dicts of named layers, keyed as in the whole model."""
+    return {f"{n}.{k}": v for n, m in layers.items() for k, v in m.state_dict().items()}
 
 
 def load_lut_model(path: str | Path, base: str | None = None):

@@ -24,24 +24,44 @@ def candidate_logits(
     return out if bias is None else out + bias[ids]
 
 
+GATHER_ELEMENTS = 2**23
+"""At most this many gathered head-weight elements (32 MB in FP32) exist at once: positions go in chunks."""
+
+
+def _chunks(ids: torch.Tensor, hidden_size: int) -> list[slice]:
+    """Slices of the flattened positions so that each chunk gathers at most GATHER_ELEMENTS weight elements."""
+    n, c = ids.shape[0], ids.shape[1]
+    step = max(1, GATHER_ELEMENTS // max(c * hidden_size, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 class _CandidateLogits(torch.autograd.Function):
     """``einsum(hidden, W[ids])`` that keeps only ``ids`` for the backward pass and gathers ``W[ids]`` again
-    there: autograd would keep the (B, T, C, H) gathered rows, 286 MB at SmolLM2's batch 8 x 128 x 128."""
+    there, a chunk of positions at a time: autograd would keep the (B, T, C, H) gathered rows, 286 MB at
+    SmolLM2's batch 8 x 128 x 128, and even gathering them all at once is a spike of that size."""
 
     @staticmethod
     def forward(ctx, hidden, weight, ids):  # noqa: ANN001 - autograd's signature
         ctx.save_for_backward(hidden, weight, ids)
-        return torch.einsum("bth,btch->btc", hidden, weight[ids])
+        h, i = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1, ids.shape[-1])
+        out = hidden.new_empty(i.shape)
+        for s in _chunks(i, h.shape[1]):
+            out[s] = torch.einsum("nh,nch->nc", h[s], weight[i[s]])
+        return out.reshape(ids.shape)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001
         hidden, weight, ids = ctx.saved_tensors
-        grad_hidden = torch.einsum("btc,btch->bth", grad, weight[ids]) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:  # a trained head: each candidate's row gets grad * hidden
-            rows = (grad.unsqueeze(-1) * hidden.unsqueeze(2)).reshape(-1, hidden.shape[-1])
-            grad_weight = torch.zeros_like(weight).index_add_(0, ids.reshape(-1), rows)
-        return grad_hidden, grad_weight, None
+        h, i, g = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1, ids.shape[-1]), grad.reshape(-1, ids.shape[-1])
+        grad_hidden = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for s in _chunks(i, h.shape[1]):
+            if grad_hidden is not None:
+                grad_hidden[s] = torch.einsum("nc,nch->nh", g[s], weight[i[s]])
+            if grad_weight is not None:  # a trained head: each candidate's row gets grad * hidden
+                rows = (g[s].unsqueeze(-1) * h[s].unsqueeze(1)).reshape(-1, h.shape[-1])
+                grad_weight.index_add_(0, i[s].reshape(-1), rows)
+        return None if grad_hidden is None else grad_hidden.reshape(hidden.shape), grad_weight, None
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -32,7 +32,9 @@ class KDTask:
     """KD loss on cached teacher candidates (seed 004): KL at a temperature + hard top-1 + hard full-vocab CE."""
 
     val_fields = ["val_loss", "val_kl", "val_kl_t1", "val_top1_agreement", "val_nll", "val_perplexity"]
-    val_batch_size = 8
+    val_batch_size = 2
+    """Evaluation computes full-vocabulary logits: for SmolLM2, 8 sequences of 128 tokens would be 200 MB (and
+    as much again for their log-softmax), the largest allocation of a memory-lean run; 2 at a time is a quarter."""
     monitor = "loss"
     """The best epoch is the one with the lowest evaluation KD loss (KD has no accuracy)."""
 

@@ -63,7 +63,7 @@ def save_packed(folder: str | Path, model: nn.Module, *, base: str, tokenizer) -
         layers[name] = {"spec": m.spec.to_dict(), "in_features": m.in_features, "out_features": m.out_features,
                         "code_bits": cb}  # fmt: skip
     path = save_weights(folder / "model.safetensors", tensors, {"kind": FORMAT})
-    weights = sum(m.weight.numel() for m in lut_layers(model).values())
+    weights = sum(m.num_weights for m in lut_layers(model).values())
     size = path.stat().st_size
     report = {"file_bytes": size, "weights": weights, "file_bits_per_weight": 8 * size / max(weights, 1),
               "fp16_bytes": 2 * weights, "size_vs_fp16": size / max(2 * weights, 1), **bits_per_weight(model)}  # fmt: skip
@@ -122,11 +122,11 @@ def apply_packed(model: nn.Module, folder: str | Path, tokenizer_fp: str | None 
         raise CheckpointError(f"{folder}: packed for another tokenizer ({config['tokenizer']} vs {tokenizer_fp})")
     tensors = load_weights(path, expect={"kind": FORMAT})
     specs = {n: v["spec"] for n, v in config["layers"].items()}
-    templates = lut_templates(folder / "config.json", model, specs)
+    templates = lut_templates(folder / "config.json", model, specs, released=specs)
     for name, m in templates.items():
         _check_layer_info(folder / "config.json", name, config["layers"][name], m)
     check_state_fits(path, _packed_tensors(templates, config["layers"]), tensors)
-    rebuild_lm(model, specs)
+    rebuild_lm(model, specs, released=specs)  # frozen indices: no latent weight
     layers = lut_layers(model)
     for name in templates:
         m = layers[name]
@@ -139,9 +139,7 @@ def apply_packed(model: nn.Module, folder: str | Path, tokenizer_fp: str | None 
         if m.bias is not None:
             m.bias.copy_(tensors[f"{name}.bias"])
         m.frozen.fill_(True)
-        m.weight.requires_grad_(False)
-        m.weight.copy_(m.dequantized_weight())
-        check_weight_finite(path, name, m.weight)
+        check_weight_finite(path, name, m.dequantized_weight())
     return config
 
 

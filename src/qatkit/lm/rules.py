@@ -7,6 +7,7 @@ Rules match qualified module names with globs (or ``re:REGEX``); a rule that mat
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -139,8 +140,9 @@ def layer_specs(model: nn.Module) -> dict[str, dict]:
     return {n: m.spec.to_dict() for n, m in model.named_modules() if isinstance(m, LUTLinear)}
 
 
-def rebuild_lm(model: nn.Module, specs: dict[str, dict | LUTSpec]) -> None:
-    """Give a float model the LUTLinear layers a checkpoint describes (empty; load the state dict next)."""
+def rebuild_lm(model: nn.Module, specs: dict[str, dict | LUTSpec], released: Collection[str] = ()) -> None:
+    """Give a float model the LUTLinear layers a checkpoint describes (empty; load the state dict next); those in
+    ``released`` get no latent weight (their stored indices are frozen and stand for it)."""
     for name, spec in specs.items():
         parent, child = _parent(model, name)
         linear = getattr(parent, child)
@@ -149,7 +151,7 @@ def rebuild_lm(model: nn.Module, specs: dict[str, dict | LUTSpec]) -> None:
         if not isinstance(linear, nn.Linear):
             raise RecipeError(f"checkpoint names LUT layer {name!r} but the model has {type(linear).__name__} there")
         s = spec if isinstance(spec, LUTSpec) else LUTSpec.from_dict(spec)
-        m = LUTLinear(linear.in_features, linear.out_features, linear.bias is not None, s)
+        m = LUTLinear(linear.in_features, linear.out_features, linear.bias is not None, s, name not in released)
         setattr(parent, child, m.to(linear.weight.device))
 
 
@@ -220,7 +222,7 @@ def bits_per_weight(model: nn.Module, scale_bits: int = 16, lut_bits: int = 16) 
     """True storage cost of the LUT layers: index bits plus table and scale overhead, per weight."""
     n = idx = extra = 0
     for m in lut_layers(model).values():
-        numel = m.weight.numel()
+        numel = m.num_weights
         n += numel
         idx += numel * m.spec.bits
         scales = m.spec.rank * (m.out_features + m.in_features) + (m.spec.rank if m.spec.form == "v2" else 0)

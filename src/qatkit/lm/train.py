@@ -7,6 +7,7 @@ per-step CSV and TensorBoard are the training engine's; the best weights go to `
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -20,7 +21,7 @@ from qatkit.lm.checkpoint import load_lut_model, save_lut_model
 from qatkit.lm.convert import v1_to_v2
 from qatkit.lm.hf import load_causal_lm, model_id, tokenizer_fingerprint
 from qatkit.lm.kd_task import KDTask
-from qatkit.lm.memory import describe, peak_rss_bytes, training_estimate
+from qatkit.lm.memory import describe, lean_allocator, peak_rss_bytes, release_free_memory, training_estimate
 from qatkit.lm.quality import health, side_by_side, write_lm_report
 from qatkit.lm.rules import LMQuantConfig, bits_per_weight, dequantized, lut_layers, prepare_lm, set_trainable
 from qatkit.lm.teacher_data import greedy_answers, read_teacher_answers
@@ -74,13 +75,16 @@ def lm_train(
     resume: str | None = None,
     seed: int = 0,
     activation_checkpointing: bool = False,
+    lean_memory: bool = False,
     progress: bool = True,
     log=print,
 ) -> dict:
     """Train, keep the best eval-loss weights, write ``model.safetensors`` and ``summary.json``; return the summary.
 
     ``activation_checkpointing``: keep only each decoder layer's input for the backward pass and recompute the
-    layer there (Hugging Face's gradient checkpointing): less memory for about one more forward pass per step."""
+    layer there (Hugging Face's gradient checkpointing): less memory for about one more forward pass per step.
+    ``lean_memory``: freed blocks of 1 MiB or more go back to the system at once (``lean_allocator``): a lower
+    peak resident set, slower steps."""
     out = Path(out)
     train = train.model_copy(update={"monitor": "loss"})  # best = lowest eval KD loss (KD has no accuracy)
     # no in-memory copies of an LM and its optimizer, and no frozen embeddings in its training states
@@ -94,6 +98,8 @@ def lm_train(
     log = log if info.main else _quiet
     t0 = time.perf_counter()
     seed_everything(seed)
+    if lean_memory and not lean_allocator():
+        log("--lean-memory: this C library's allocator cannot be tuned (glibc only); memory use is unchanged")
     model, tok, base_id = load_student(start, base, checkpoint, quant, log)
     fp = tokenizer_fingerprint(tok)
     train_ds, eval_ds = KDCache(cache, tok, "train", model), KDCache(cache, tok, "eval", model)
@@ -105,6 +111,9 @@ def lm_train(
         after = kd_eval(model, eval_ds, task)
         summary["v1_to_v2"] = {"kd_loss_before": before["loss"], "kd_loss_after": after["loss"]}
         log(f"V1 -> V2 (indices frozen): eval KD loss {before['loss']:.4f} -> {after['loss']:.4f}")
+    gc.collect()  # the float weights the LUT layers replaced (and V1 latent weights) back to the system
+    release_free_memory()
+    summary["lean_memory"] = lean_memory
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     flag = (

@@ -2,8 +2,9 @@
 
 Before ``freeze_q`` the float weight is the latent variable: each forward normalises it by the scales, snaps it to
 the nearest table entry (straight-through) and rescales, so weight, table and scales all train. After
-``freeze_q`` the indices are fixed buffers and only the scales (and the table, if learnable) train. Every
-piece of state — table, scales, indices, the frozen flag — is in ``state_dict``.
+``freeze_q`` the indices are fixed buffers and only the scales (and the table, if learnable) train; the latent
+weight is then released (an empty tensor: 4 bytes per weight less, the indices keep 1). Every piece of state —
+table, scales, indices, the frozen flag — is in ``state_dict``.
 """
 
 from __future__ import annotations
@@ -77,14 +78,15 @@ class LUTSpec:
 class LUTLinear(nn.Module):
     """Linear layer with LUT-quantized weight and low-rank scales (V1: A, B; V2: A_dir, B_dir, magnitude)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LUTSpec):
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LUTSpec, latent: bool = True):
+        """``latent=False``: no latent weight (a layer about to load frozen indices, see ``release_weight``)."""
         super().__init__()
         rows = spec.group_rows or out_features
         if out_features % rows:
             raise ValueError(f"group_rows {rows} does not divide the {out_features} output channels")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
         self.forward_mode = "materialize"
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+        self.weight = nn.Parameter(torch.zeros((out_features, in_features) if latent else (0,)), latent)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         groups = out_features // rows
         self.lut = nn.Parameter(torch.zeros(groups, 2**spec.bits), requires_grad=spec.learnable_lut)
@@ -175,6 +177,16 @@ class LUTLinear(nn.Module):
             a, b = self.factors()
             return self._ungroup(nearest_index(self._grouped(self.weight / (a @ b)), self.table())).to(torch.uint8)
 
+    @property
+    def has_latent(self) -> bool:
+        """Whether the layer still holds its float latent weight (released once the indices are frozen)."""
+        return self.weight.numel() > 0
+
+    @property
+    def num_weights(self) -> int:
+        """Weights this layer stands for (out × in), with or without its latent weight."""
+        return self.out_features * self.in_features
+
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
         """A plain Linear holding the dequantized weight: the same outputs, at float speed (for inference)."""
@@ -190,7 +202,13 @@ class LUTLinear(nn.Module):
         """Fix the indices (``freeze_Q``): from now on only scales (and a learnable table) train."""
         self.index.copy_(self.current_index())
         self.frozen.fill_(True)
-        self.weight.requires_grad_(False)
+        self.release_weight()
+
+    def release_weight(self) -> None:
+        """Drop the latent weight of a frozen layer: nothing reads it any more (the indices stand for it)."""
+        if not bool(self.frozen):
+            raise ValueError("only a layer with frozen indices can release its latent weight (freeze_q first)")
+        self.weight = nn.Parameter(self.weight.new_zeros(0), requires_grad=False)
 
     @torch.no_grad()
     def to_v2(self) -> None:
@@ -235,8 +253,16 @@ class LUTLinear(nn.Module):
         for p in [self.lut, *self.scale_params().values()]:
             p.copy_(p.to(torch.float16).float())
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Takes a state with or without the latent weight (full, or empty for frozen indices); a frozen layer
+        releases its latent weight after loading, an unfrozen one whose weight was released gets it back."""
+        w = state_dict.get(prefix + "weight")
+        full = (self.out_features, self.in_features)
+        if w is not None and tuple(w.shape) in (full, (0,)) and w.shape != self.weight.shape:
+            self.weight = nn.Parameter(self.weight.new_zeros(w.shape), requires_grad=False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if bool(self.frozen) and self.has_latent:
+            self.release_weight()
         self.weight.requires_grad_(not bool(self.frozen))  # a frozen layer's latent weight no longer trains
 
     def set_forward_mode(self, mode: str) -> None:
