@@ -187,12 +187,16 @@ def freeze_q_all(model: nn.Module) -> int:
     return len(layers)
 
 
+def _put(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    for name, m in modules.items():
+        parent, child = _parent(model, name)
+        setattr(parent, child, m)
+
+
 def dequantize_lm(model: nn.Module) -> int:
     """Replace every LUT layer by a Linear with its dequantized weight (inference: the same outputs, float speed)."""
     layers = lut_layers(model)
-    for name, m in layers.items():
-        parent, child = _parent(model, name)
-        setattr(parent, child, m.to_linear())
+    _put(model, {name: m.to_linear() for name, m in layers.items()})
     return len(layers)
 
 
@@ -202,14 +206,10 @@ def dequantized(model: nn.Module):
     generation does not rebuild ``lut[index] ⊙ (A @ B)`` per token); the LUT layers are put back after it."""
     layers = lut_layers(model)
     try:
-        for name, m in layers.items():
-            parent, child = _parent(model, name)
-            setattr(parent, child, m.to_linear())
+        dequantize_lm(model)
         yield model
     finally:
-        for name, m in layers.items():
-            parent, child = _parent(model, name)
-            setattr(parent, child, m)
+        _put(model, layers)
 
 
 def set_forward_mode(model: nn.Module, mode: str) -> None:
