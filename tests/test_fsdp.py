@@ -15,10 +15,10 @@ from conftest import ONE_THREAD
 from qatkit.io.checkpoint import read_metadata, save_weights
 
 
-def lm_train(out, cache, model, procs: int, *extra: str) -> subprocess.CompletedProcess:
+def lm_train(out, cache, model, procs: int, *extra: str, start=("--from-scratch",)) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m"]
     cmd = [*(launcher if procs > 1 else [sys.executable, "-m"]), "qatkit", "lm-train", "--cache", str(cache),
-           "--model", str(model), "--from-scratch", "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3",
+           "--model", str(model), *start, "--max-steps", "4", "--batch-size", "4", "--lr", "1e-3",
            "--schedule", "constant", "--save-steps", "2", "--no-progress", "--out", str(out), *extra]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, **ONE_THREAD))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -74,3 +74,16 @@ def test_fsdp_resumes_from_its_training_state(runs, tiny_lm_dir, kd_cache_dir):
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
     assert not all(torch.equal(expected[k], changed[k]) for k in expected)
     shutil.rmtree(runs / "changed", ignore_errors=True)
+
+
+def test_fsdp_trains_frozen_index_layers_that_hold_no_latent_weight(runs, tiny_lm_dir, kd_cache_dir):
+    """V1 -> V2 under FSDP: the released (empty) latent weights shard, gather and save like the one-process run's."""
+    start = ("--v1-checkpoint", str(runs / "one" / "model.safetensors"))
+    lm_train(runs / "v2_one", kd_cache_dir, tiny_lm_dir, 1, start=start)
+    lm_train(runs / "v2_fsdp", kd_cache_dir, tiny_lm_dir, 2, "--fsdp", start=start)
+    s1, s2 = (json.loads((runs / d / "summary.json").read_text()) for d in ("v2_one", "v2_fsdp"))
+    assert s2["processes"] == 2 and s2["best_metrics"]["loss"] == pytest.approx(s1["best_metrics"]["loss"], rel=0.05)
+    a, b = (load_file(str(runs / d / "model.safetensors")) for d in ("v2_one", "v2_fsdp"))
+    assert a.keys() == b.keys() and all(a[k].numel() == 0 for k in a if k.endswith(".weight"))
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.allclose(a[k].float(), b[k].float(), atol=0.05), k

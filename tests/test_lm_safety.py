@@ -236,8 +236,10 @@ LUT_CASES = {
 def test_lut_checkpoint_refused_naming_the_problem(made, tmp_path, case):
     tensors, meta, match = LUT_CASES[case]
     path = lut_copy(made, tmp_path, tensors, meta)
+    model = fresh(made)
     with pytest.raises(CheckpointError, match="lut.safetensors: .*" + match):
-        apply_lut_checkpoint(fresh(made), path, made.fp)
+        apply_lut_checkpoint(model, path, made.fp)
+    assert not lut_layers(model)  # refused before any layer was replaced
 
 
 def test_lut_checkpoint_altered_after_writing_is_refused_before_the_model_changes(made, tmp_path):

@@ -157,6 +157,8 @@ def test_frozen_state_with_a_latent_weight_loads_and_releases_it_and_an_unfrozen
     assert fresh.has_latent and fresh.weight.requires_grad and torch.equal(fresh(x), y_unfrozen)
     with pytest.raises(ValueError, match="freeze_q first"):
         fresh.release_weight()
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):  # unfrozen indices need their weight
+        fresh.load_state_dict({**unfrozen, "weight": torch.zeros(0)})
 
 
 def test_v2_conversion_and_rank_expansion_keep_the_layer_function():

@@ -155,49 +155,66 @@ def _checked_metadata(path: Path, expect: dict | None, allow_foreign: bool = Fal
     return meta
 
 
-def verify_weights(path: str | Path, expect: dict | None = None, check=None) -> dict[str, torch.Tensor]:
-    """Check a qatkit checkpoint as ``load_weights`` does (metadata, content hash, finite values) reading one
-    tensor at a time, so the whole file never sits in memory; ``check(name, tensor)`` sees each tensor once and
-    may raise CheckpointError (reported after the hash). Returns empty meta-device tensors of each stored name,
-    shape and dtype, to check against a model before ``read_tensors`` loads what it needs."""
-    from safetensors import safe_open
+class VerifiedWeights:
+    """An open qatkit checkpoint checked in full (metadata, content hash, finite values) one tensor at a time;
+    ``stored`` holds empty meta-device tensors of each name, shape and dtype, ``read(names)`` loads tensors
+    from the same open file (a file replaced meanwhile cannot slip in unchecked). Use as a context manager."""
 
-    path = Path(path)
-    meta = _checked_metadata(path, expect)
-    if HASH_KEY not in meta:
-        raise CheckpointError(f"{path}: no content hash in the metadata (written by an older qatkit; rerun the stage)")
-    h, shapes, problem = hashlib.sha256(), {}, None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in sorted(f.keys()):
-                t = f.get_tensor(name)
-                _hash_tensor(h, name, t)
-                shapes[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
-                try:
-                    if problem is None:
-                        check_finite(path, {name: t})
-                        if check is not None:
-                            check(name, t)
-                except CheckpointError as e:
-                    problem = e
-    except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
-    if meta[HASH_KEY] != h.hexdigest():
-        raise CheckpointError(f"{path}: content hash mismatch: the file was altered or damaged after it was written")
-    if problem is not None:
-        raise problem
-    return shapes
+    def __init__(self, path: str | Path, expect: dict | None = None, check=None):
+        from safetensors import safe_open
 
+        self.path = Path(path)
+        meta = _checked_metadata(self.path, expect)
+        if HASH_KEY not in meta:
+            raise CheckpointError(f"{path}: no content hash in the metadata (written by an older qatkit; rerun the "
+                                  "stage)")  # fmt: skip
+        try:
+            self._file = safe_open(str(path), framework="pt")
+        except Exception as e:
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
+        try:
+            self.stored = self._verify(meta[HASH_KEY], check)
+        except BaseException:
+            self.close()
+            raise
 
-def read_tensors(path: str | Path, names) -> dict[str, torch.Tensor]:
-    """The named tensors of a checkpoint ``verify_weights`` has checked (a few at a time: layer by layer)."""
-    from safetensors import safe_open
+    def _verify(self, want_hash: str, check) -> dict[str, torch.Tensor]:
+        """Hash every tensor; ``check(name, tensor)`` and finiteness problems are reported after the hash."""
+        h, stored, problem = hashlib.sha256(), {}, None
+        for name in sorted(self._file.keys()):
+            t = self.read([name])[name]
+            _hash_tensor(h, name, t)
+            stored[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            try:
+                if problem is None:
+                    check_finite(self.path, {name: t})
+                    if check is not None:
+                        check(name, t)
+            except CheckpointError as e:
+                problem = e
+        if want_hash != h.hexdigest():
+            raise CheckpointError(f"{self.path}: content hash mismatch: the file was altered or damaged after it "
+                                  "was written")  # fmt: skip
+        if problem is not None:
+            raise problem
+        return stored
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {n: f.get_tensor(n) for n in names}
-    except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
+    def read(self, names) -> dict[str, torch.Tensor]:
+        try:
+            return {n: self._file.get_tensor(n) for n in names}
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: corrupt or truncated checkpoint ({_short(e)})") from None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.__exit__(None, None, None)  # unmaps the file
+            self._file = None
+
+    def __enter__(self) -> VerifiedWeights:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -212,7 +229,7 @@ def check_state_fits(
     path: str | Path, want: dict[str, torch.Tensor], got: dict[str, torch.Tensor], finite: bool = True
 ) -> None:
     """Refuse a loaded state dict whose keys or shapes differ from the model's, naming the first differences;
-    ``finite=False`` for ``got`` on the meta device (``verify_weights`` checked the values)."""
+    ``finite=False`` for ``got`` on the meta device (``VerifiedWeights`` checked the values)."""
     missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or unexpected:
         raise CheckpointError(

@@ -14,15 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qatkit.io.checkpoint import (
-    CheckpointError,
-    check_state_fits,
-    read_metadata,
-    read_tensors,
-    save_weights,
-    verify_weights,
-)
-from qatkit.lm.rules import layer_specs, lut_layers, rebuild_lm, set_trainable
+from qatkit.io.checkpoint import CheckpointError, VerifiedWeights, check_state_fits, read_metadata, save_weights
+from qatkit.lm.rules import layer_specs, lut_layers, set_trainable
 from qatkit.nn.lut_linear import LUTLinear, LUTSpec
 
 KIND = "lut-lm"
@@ -101,8 +94,9 @@ def read_lut_metadata(path: str | Path) -> dict:
 def apply_lut_checkpoint(model: nn.Module, path: str | Path, tokenizer_fp: str | None = None) -> dict:
     """Give ``model`` (the float base) the checkpoint's LUT layers and load their state; returns the metadata.
 
-    The file is checked in full first, one tensor at a time, then read layer by layer as each float layer is
-    replaced: the checkpoint never sits in memory next to the float weights it replaces."""
+    The file is checked in full before the model changes — one tensor at a time, then each layer rebuilt on its
+    own for the overflow check — and read layer by layer as each float layer is replaced: the checkpoint never
+    sits in memory beside the float weights it replaces."""
     meta = read_lut_metadata(path)
     if tokenizer_fp is not None and meta["tokenizer"] != tokenizer_fp:
         raise CheckpointError(f"{path}: made with another tokenizer (fingerprint {meta['tokenizer']}, this model's "
@@ -119,19 +113,29 @@ def apply_lut_checkpoint(model: nn.Module, path: str | Path, tokenizer_fp: str |
         if m is not None and key in ("frozen", "weight"):
             flags[name] = t.numel() == 0 if key == "weight" else t.numel() == 1 and bool(t)
 
-    stored = verify_weights(path, check=check)
-    released = {n for n in layers if flags.get(f"{n}.frozen") and flags.get(f"{n}.weight")}
-    templates = lut_templates(path, model, layers, released)
-    check_state_fits(path, layer_state(templates), stored, finite=False)
-    for n in templates:
-        rebuild_lm(model, {n: layers[n]}, released)
-        m = model.get_submodule(n)
-        got = read_tensors(path, [f"{n}.{k}" for k in m.state_dict()])
-        m.load_state_dict({k.removeprefix(f"{n}."): v for k, v in got.items()})
-    for n in templates:
-        check_weight_finite(path, n, model.get_submodule(n).dequantized_weight())
+    with VerifiedWeights(path, check=check) as f:
+        released = {n for n in layers if flags.get(f"{n}.frozen") and flags.get(f"{n}.weight")}
+        templates = lut_templates(path, model, layers, released)
+        check_state_fits(path, layer_state(templates), f.stored, finite=False)
+        for n in templates:  # every layer's table values times scales finite, before any layer is replaced
+            check_weight_finite(path, n, _loaded(model, n, layers[n], n in released, f).dequantized_weight())
+        for n in templates:
+            parent, child = n.rpartition(".")[0], n.rpartition(".")[2]
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    _loaded(model, n, layers[n], n in released, f))  # fmt: skip
     set_trainable(model)
     return meta
+
+
+def _loaded(model: nn.Module, name: str, spec: dict, released: bool, f: VerifiedWeights) -> LUTLinear:
+    """Layer ``name`` of the checkpoint, built beside the model's layer (float or LUT, left as it is) and loaded
+    from the open file."""
+    old = model.get_submodule(name)
+    m = LUTLinear(old.in_features, old.out_features, old.bias is not None, LUTSpec.from_dict(spec), not released)
+    m.to(next(old.parameters()).device)
+    got = f.read([f"{name}.{k}" for k in m.state_dict()])
+    m.load_state_dict({k.removeprefix(f"{name}."): v for k, v in got.items()})
+    return m
 
 
 def layer_state(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:

@@ -139,6 +139,8 @@ def apply_packed(model: nn.Module, folder: str | Path, tokenizer_fp: str | None 
         if m.bias is not None:
             m.bias.copy_(tensors[f"{name}.bias"])
         m.frozen.fill_(True)
+        if m.has_latent:  # a LUT layer the model already had
+            m.release_weight()
         check_weight_finite(path, name, m.dequantized_weight())
     return config
 

@@ -255,10 +255,12 @@ class LUTLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Takes a state with or without the latent weight (full, or empty for frozen indices); a frozen layer
-        releases its latent weight after loading, an unfrozen one whose weight was released gets it back."""
-        w = state_dict.get(prefix + "weight")
-        full = (self.out_features, self.in_features)
-        if w is not None and tuple(w.shape) in (full, (0,)) and w.shape != self.weight.shape:
+        releases its latent weight after loading, an unfrozen one whose weight was released gets it back. Either
+        swaps the ``weight`` Parameter: load before an optimizer is built over it."""
+        w, frozen = state_dict.get(prefix + "weight"), state_dict.get(prefix + "frozen")
+        released = frozen is not None and frozen.numel() == 1 and bool(frozen)  # only frozen indices may lack it
+        shapes = [(self.out_features, self.in_features)] + [(0,)] * released
+        if w is not None and tuple(w.shape) in shapes and w.shape != self.weight.shape:
             self.weight = nn.Parameter(self.weight.new_zeros(w.shape), requires_grad=False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if bool(self.frozen) and self.has_latent:
