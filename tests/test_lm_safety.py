@@ -254,6 +254,18 @@ def test_lut_checkpoint_altered_after_writing_is_refused_before_the_model_change
     assert not lut_layers(model)
 
 
+def test_lut_checkpoint_replaced_after_it_was_checked_is_refused(made, tmp_path):
+    """Tensors are read again layer by layer: one that differs from what was checked is refused."""
+    from qatkit.io.checkpoint import VerifiedWeights
+
+    path = lut_copy(made, tmp_path)
+    with VerifiedWeights(path) as f:
+        _resave(path, lambda t: t[f"{UP}.lut"].mul_(2))  # a valid file again, with other values
+        assert f.read([f"{UP}.index"])  # unchanged tensors still read
+        with pytest.raises(CheckpointError, match=rf"tensor '{UP}.lut' changed after the file was checked"):
+            f.read([f"{UP}.lut"])
+
+
 def test_lut_spec_from_dict_refuses_unknown_keys_and_wrong_types():
     assert LUTSpec.from_dict(LUTSpec(bits=3).to_dict()) == LUTSpec(bits=3)
     with pytest.raises(ValueError, match=r"'group_rows' must be int or null, got '1'"):

@@ -156,42 +156,36 @@ def _checked_metadata(path: Path, expect: dict | None, allow_foreign: bool = Fal
 
 
 class VerifiedWeights:
-    """An open qatkit checkpoint checked in full (metadata, content hash, finite values) one tensor at a time;
-    ``stored`` holds empty meta-device tensors of each name, shape and dtype, ``read(names)`` loads tensors
-    from the same open file (a file replaced meanwhile cannot slip in unchecked). Use as a context manager."""
+    """A qatkit checkpoint checked in full (metadata, content hash, finite values) one tensor at a time, never
+    whole in memory; ``stored`` holds empty meta-device tensors of each name, shape and dtype, and ``read(names)``
+    loads tensors again, each refused unless its bytes hash as they did when checked (a file replaced or altered
+    meanwhile cannot slip in). The file is not kept open: its mapped pages would count as resident memory."""
 
     def __init__(self, path: str | Path, expect: dict | None = None, check=None):
-        from safetensors import safe_open
-
         self.path = Path(path)
         meta = _checked_metadata(self.path, expect)
         if HASH_KEY not in meta:
             raise CheckpointError(f"{path}: no content hash in the metadata (written by an older qatkit; rerun the "
                                   "stage)")  # fmt: skip
-        try:
-            self._file = safe_open(str(path), framework="pt")
-        except Exception as e:
-            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_short(e)})") from None
-        try:
-            self.stored = self._verify(meta[HASH_KEY], check)
-        except BaseException:
-            self.close()
-            raise
+        self.digests: dict[str, str] = {}
+        self.stored = self._verify(meta[HASH_KEY], check)
 
     def _verify(self, want_hash: str, check) -> dict[str, torch.Tensor]:
         """Hash every tensor; ``check(name, tensor)`` and finiteness problems are reported after the hash."""
         h, stored, problem = hashlib.sha256(), {}, None
-        for name in sorted(self._file.keys()):
-            t = self.read([name])[name]
-            _hash_tensor(h, name, t)
-            stored[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
-            try:
-                if problem is None:
-                    check_finite(self.path, {name: t})
-                    if check is not None:
-                        check(name, t)
-            except CheckpointError as e:
-                problem = e
+        with self._open() as f:
+            for name in sorted(f.keys()):
+                t = self._get(f, name)
+                _hash_tensor(h, name, t)
+                self.digests[name] = _digest(name, t)
+                stored[name] = torch.empty(t.shape, dtype=t.dtype, device="meta")
+                try:
+                    if problem is None:
+                        check_finite(self.path, {name: t})
+                        if check is not None:
+                            check(name, t)
+                except CheckpointError as e:
+                    problem = e
         if want_hash != h.hexdigest():
             raise CheckpointError(f"{self.path}: content hash mismatch: the file was altered or damaged after it "
                                   "was written")  # fmt: skip
@@ -200,21 +194,39 @@ class VerifiedWeights:
         return stored
 
     def read(self, names) -> dict[str, torch.Tensor]:
+        """The named tensors, each as it was when checked."""
+        with self._open() as f:
+            out = {n: self._get(f, n) for n in names}
+        for n, t in out.items():
+            if self.digests.get(n) != _digest(n, t):
+                raise CheckpointError(f"{self.path}: tensor {n!r} changed after the file was checked")
+        return out
+
+    def _open(self):
+        from safetensors import safe_open
+
         try:
-            return {n: self._file.get_tensor(n) for n in names}
+            return safe_open(str(self.path), framework="pt")
         except Exception as e:
             raise CheckpointError(f"{self.path}: corrupt or truncated checkpoint ({_short(e)})") from None
 
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.__exit__(None, None, None)  # unmaps the file
-            self._file = None
+    def _get(self, f, name: str) -> torch.Tensor:
+        try:
+            return f.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: corrupt or truncated checkpoint ({_short(e)})") from None
 
     def __enter__(self) -> VerifiedWeights:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.digests.clear()
+
+
+def _digest(name: str, t: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    _hash_tensor(h, name, t)
+    return h.hexdigest()
 
 
 def check_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
