@@ -127,8 +127,7 @@ def for_coreml(model: nn.Module, precision: str) -> nn.Module:
             raise ValueError(f"Core ML precision {precision!r} cannot hold layer {name!r}: use {kind}")
         else:
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(out.get_submodule(parent_name) if parent_name else out, child, new)
+        out.set_submodule(name, new)
     return out
 
 

@@ -179,7 +179,5 @@ def to_qdq(model: nn.Module, signed: bool = False) -> nn.Module:
     out = copy.deepcopy(model).eval()
     for name, m in list(out.named_modules()):
         if isinstance(m, QuantModule):
-            parent_name, _, child = name.rpartition(".")
-            parent = out.get_submodule(parent_name) if parent_name else out
-            setattr(parent, child, QDQLayer(m, signed))
+            out.set_submodule(name, QDQLayer(m, signed))
     return out

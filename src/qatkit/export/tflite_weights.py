@@ -47,9 +47,7 @@ def with_int8_weights(model: nn.Module, keep_activations: bool) -> nn.Module:
                 _snap(m)
                 m.weight_quant = FakeQuantizer(WEIGHT_ONLY, tuple(m.weight.shape))
         elif type(m) in QUANT_MODULES and name:
-            parent_name, _, child = name.rpartition(".")
-            parent = out.get_submodule(parent_name) if parent_name else out
-            setattr(parent, child, QUANT_MODULES[type(m)].from_float(m, WEIGHT_ONLY, None))
+            out.set_submodule(name, QUANT_MODULES[type(m)].from_float(m, WEIGHT_ONLY, None))
     return out
 
 

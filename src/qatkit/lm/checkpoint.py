@@ -94,9 +94,9 @@ def read_lut_metadata(path: str | Path) -> dict:
 def apply_lut_checkpoint(model: nn.Module, path: str | Path, tokenizer_fp: str | None = None) -> dict:
     """Give ``model`` (the float base) the checkpoint's LUT layers and load their state; returns the metadata.
 
-    The file is checked in full before the model changes — one tensor at a time, then each layer rebuilt on its
-    own for the overflow check — and read layer by layer as each float layer is replaced: the checkpoint never
-    sits in memory beside the float weights it replaces."""
+    The file is checked in full before the model changes — one tensor at a time, then each layer built on its
+    own for the overflow check — and layers with a latent weight are read again one by one as each float layer
+    is replaced: their latent weights never sit in memory beside all the float weights they replace."""
     meta = read_lut_metadata(path)
     if tokenizer_fp is not None and meta["tokenizer"] != tokenizer_fp:
         raise CheckpointError(f"{path}: made with another tokenizer (fingerprint {meta['tokenizer']}, this model's "
@@ -117,12 +117,16 @@ def apply_lut_checkpoint(model: nn.Module, path: str | Path, tokenizer_fp: str |
         released = {n for n in layers if flags.get(f"{n}.frozen") and flags.get(f"{n}.weight")}
         templates = lut_templates(path, model, layers, released)
         check_state_fits(path, layer_state(templates), f.stored, finite=False)
+        kept = {}  # layers without a latent weight are small (indices, tables, scales): built once and kept
         for n in templates:  # every layer's table values times scales finite, before any layer is replaced
-            check_weight_finite(path, n, _loaded(model, n, layers[n], n in released, f).dequantized_weight())
-        for n in templates:
-            parent, child = n.rpartition(".")[0], n.rpartition(".")[2]
-            setattr(model.get_submodule(parent) if parent else model, child,
-                    _loaded(model, n, layers[n], n in released, f))  # fmt: skip
+            m = _loaded(model, n, layers[n], n in released, f)
+            with torch.no_grad():
+                check_weight_finite(path, n, m.dequantized_weight())
+            if n in released:
+                kept[n] = m
+            del m
+        for n in templates:  # a layer with a latent weight is read again, so that only one is built at a time
+            model.set_submodule(n, kept.pop(n) if n in kept else _loaded(model, n, layers[n], False, f))
     set_trainable(model)
     return meta
 

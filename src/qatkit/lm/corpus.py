@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +28,38 @@ def read_texts(paths: list[Path], text_field: str = "text") -> list[Document]:
         else:
             raise FileNotFoundError(f"corpus path {path} does not exist")
         for f in files:
-            docs += _read_jsonl(f, text_field) if f.suffix == ".jsonl" else [_read_text(f)]
+            docs += read_jsonl(f, text_field) if f.suffix == ".jsonl" else [read_text_file(f)]
     docs = [d for d in docs if (d.strip() if isinstance(d, str) else d)]
     if not docs:
         raise ValueError(f"no non-empty documents in {', '.join(map(str, paths))}")
     return docs
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file's content; ValueError naming the file and byte for anything else."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"corpus file {path} is not UTF-8 text (byte {e.start}; give .txt or .jsonl files)") from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[Document]:
-    docs: list[Document] = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` for each non-empty line of a JSON Lines file; ValueError naming the line."""
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
         except (ValueError, RecursionError) as e:  # an over-long integer, or nesting deeper than Python recurses
             raise ValueError(f"{path}:{n}: invalid JSON ({type(e).__name__})") from None
+
+
+def read_jsonl(path: Path, text_field: str) -> list[Document]:
+    """Documents of a JSON Lines file: a string ``text_field`` or a ``messages`` conversation per line."""
+    docs: list[Document] = []
+    for n, obj in json_lines(path):
         if isinstance(obj, dict) and isinstance(obj.get(text_field), str):
             docs.append(obj[text_field])
         elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):

@@ -41,8 +41,11 @@ class _CallbackStreamer:
             self.sent = text
 
 
-def _prompt_ids(tokenizer: Any, prompt: str, chat: bool | None) -> torch.Tensor:
-    """Token ids (1, L) of the prompt, wrapped in the chat template when asked or, for ``chat=None``, when there is one."""
+def prompt_ids(tokenizer: Any, prompt: str | None, chat: bool | None) -> torch.Tensor:
+    """Token ids (1, L) of the prompt, wrapped in the chat template when asked or, for ``chat=None``, when there is
+    one; no prompt (or one that encodes to nothing) starts from the BOS token."""
+    if prompt is None:
+        prompt, chat = "", False
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat is None:
         chat = has_template
@@ -57,7 +60,10 @@ def _prompt_ids(tokenizer: Any, prompt: str, chat: bool | None) -> torch.Tensor:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[-1] == 0:
         if tokenizer.bos_token_id is None:
-            raise ValueError("the prompt encodes to no tokens and the tokenizer has no BOS token to start from")
+            raise ValueError(
+                "no prompt (or one that encodes to no tokens) and the tokenizer has no BOS token to "
+                "start from: give prompts"
+            )
         ids = torch.tensor([[tokenizer.bos_token_id]])
     return ids
 
@@ -85,7 +91,7 @@ def generate_text(
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     device = next(model.parameters()).device
-    ids = _prompt_ids(tokenizer, prompt, chat).to(device)
+    ids = prompt_ids(tokenizer, prompt, chat).to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs: dict[str, Any] = dict(max_new_tokens=max_tokens, repetition_penalty=repetition_penalty, pad_token_id=pad_id)
     if temperature == 0:

@@ -96,11 +96,6 @@ class LUTReport:
                 "layers left in float (embeddings and lm_head are never quantized)")  # fmt: skip
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
 def plan_lut(model: nn.Module, cfg: LMQuantConfig) -> dict[str, tuple[LUTRule, LUTSpec]]:
     """Decide which Linear layers each rule takes (first matching rule wins); a rule matching nothing is an error."""
     rules = cfg.resolved_rules()
@@ -124,9 +119,8 @@ def prepare_lm(model: nn.Module, cfg: LMQuantConfig, log=None) -> LUTReport:
     decided = plan_lut(model, cfg)
     report = LUTReport()
     for i, (name, (rule, spec)) in enumerate(decided.items()):
-        parent, child = _parent(model, name)
-        linear = getattr(parent, child)
-        setattr(parent, child, LUTLinear.from_linear(linear, spec))
+        linear = model.get_submodule(name)
+        model.set_submodule(name, LUTLinear.from_linear(linear, spec))
         report.layers[name] = {"rule": rule.name, **spec.to_dict(), "params": linear.weight.numel()}
         if log is not None and (i + 1) % 50 == 0:
             log(f"  quantized {i + 1}/{len(decided)} layers")
@@ -144,15 +138,14 @@ def rebuild_lm(model: nn.Module, specs: dict[str, dict | LUTSpec], released: Col
     """Give a float model the LUTLinear layers a checkpoint describes (empty; load the state dict next); those in
     ``released`` get no latent weight (their stored indices are frozen and stand for it)."""
     for name, spec in specs.items():
-        parent, child = _parent(model, name)
-        linear = getattr(parent, child)
+        linear = model.get_submodule(name)
         if isinstance(linear, LUTLinear):
             continue
         if not isinstance(linear, nn.Linear):
             raise RecipeError(f"checkpoint names LUT layer {name!r} but the model has {type(linear).__name__} there")
         s = spec if isinstance(spec, LUTSpec) else LUTSpec.from_dict(spec)
         m = LUTLinear(linear.in_features, linear.out_features, linear.bias is not None, s, name not in released)
-        setattr(parent, child, m.to(linear.weight.device))
+        model.set_submodule(name, m.to(linear.weight.device))
 
 
 def lut_layers(model: nn.Module) -> dict[str, LUTLinear]:
@@ -187,16 +180,11 @@ def freeze_q_all(model: nn.Module) -> int:
     return len(layers)
 
 
-def _put(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    for name, m in modules.items():
-        parent, child = _parent(model, name)
-        setattr(parent, child, m)
-
-
 def dequantize_lm(model: nn.Module) -> int:
     """Replace every LUT layer by a Linear with its dequantized weight (inference: the same outputs, float speed)."""
     layers = lut_layers(model)
-    _put(model, {name: m.to_linear() for name, m in layers.items()})
+    for name, m in layers.items():
+        model.set_submodule(name, m.to_linear())
     return len(layers)
 
 
@@ -209,7 +197,8 @@ def dequantized(model: nn.Module):
         dequantize_lm(model)
         yield model
     finally:
-        _put(model, layers)
+        for name, m in layers.items():
+            model.set_submodule(name, m)
 
 
 def set_forward_mode(model: nn.Module, mode: str) -> None:

@@ -20,7 +20,8 @@ import torch
 
 from qatkit.io.checkpoint import atomic_write_bytes
 from qatkit.io.jsonfile import read_json_object
-from qatkit.lm.corpus import Document, _read_jsonl, _read_text
+from qatkit.lm.corpus import Document, json_lines, read_jsonl, read_text_file
+from qatkit.lm.generate import generate_text, prompt_ids
 from qatkit.lm.hf import tokenizer_fingerprint
 
 GENERATED, GENERATION_SETTINGS, ANSWERS = "generated.jsonl", "generated.json", "teacher_answers.json"
@@ -68,36 +69,17 @@ def read_prompts(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"prompt file {path} does not exist or is not a regular file")
     if path.suffix == ".jsonl":
         prompts = []
-        for n, line in enumerate(_read_text(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError):
-                raise ValueError(f"{path}:{n}: invalid JSON") from None
+        for n, obj in json_lines(path):
             text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{n}: expected an object with a string 'prompt' or 'text' field")
             prompts.append(text)
     else:
-        prompts = _read_text(path).splitlines()
+        prompts = read_text_file(path).splitlines()
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
-
-
-def prompt_ids(tokenizer: Any, prompt: str | None, chat: bool) -> torch.Tensor:
-    """(1, n) token ids a document starts from: the prompt (through the chat template when ``chat``) or BOS."""
-    if prompt is None:
-        if tokenizer.bos_token_id is None:
-            raise ValueError("the tokenizer has no BOS token to start generation from: give prompts")
-        return torch.tensor([[tokenizer.bos_token_id]])
-    if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
-        return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    return torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
 
 
 def _settings(cfg: GenerationConfig, teacher_name: str, tokenizer: Any) -> dict:
@@ -152,7 +134,7 @@ def _resume(folder: Path, settings: dict) -> list[Document]:
     if differ:
         raise ValueError(f"{folder / GENERATED} was generated with other settings ({', '.join(differ)}); "
                          "use another folder")  # fmt: skip
-    docs = _read_jsonl(folder / GENERATED, "text")
+    docs = read_jsonl(folder / GENERATED, "text")
     block = settings["block"]
     return docs[: len(docs) // block * block] if len(docs) < settings["documents"] else docs
 
@@ -160,16 +142,9 @@ def _resume(folder: Path, settings: dict) -> list[Document]:
 def greedy_answers(model: torch.nn.Module, tokenizer: Any, prompts: list[str], chat: bool,
                    max_new_tokens: int = 48) -> list[str]:  # fmt: skip
     """Each prompt answered greedily (the same decoding for teacher and student, so answers are comparable)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers = []
-    model.eval()
-    for p in prompts:
-        ids = prompt_ids(tokenizer, p, chat and bool(getattr(tokenizer, "chat_template", None)))
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)  # fmt: skip
-        answers.append(tokenizer.decode(out[0, ids.shape[-1] :].tolist(), skip_special_tokens=True).strip())
-    return answers
+    chat = chat and bool(getattr(tokenizer, "chat_template", None))
+    return [generate_text(model, tokenizer, p, max_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0,
+                          chat=chat).strip() for p in prompts]  # fmt: skip
 
 
 def write_teacher_answers(folder: str | Path, prompts: list[str], answers: list[str], chat: bool) -> Path:

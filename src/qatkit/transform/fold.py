@@ -116,7 +116,7 @@ def fold_batchnorm(model: nn.Module) -> FoldReport:
             report.left.append((name, why))
     for layer, name in todo:
         fold_into(modules[layer], bns[name])
-        _set_submodule(model, name, nn.Identity())
+        model.set_submodule(name, nn.Identity())
         report.folded.append(name)
     return report
 
@@ -187,8 +187,3 @@ def _fold_sequential(model: nn.Module, bns: dict[str, nn.Module], error: str) ->
     done = set(report.folded)
     report.left = [(n, f"model not traceable by torch.fx ({error})") for n in bns if n not in done]
     return report
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

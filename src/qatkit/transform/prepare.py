@@ -222,20 +222,18 @@ def prepare(model: nn.Module, recipe: QuantRecipe | dict | str) -> LayerReport:
     """
     report, decided = plan(model, recipe)
     for name, rule in decided.items():
-        parent_name, _, child = name.rpartition(".")
-        if not child:
+        if not name:
             raise RecipeError("the model itself is a single layer; wrap it in a container (e.g. nn.Sequential)")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        float_mod = getattr(parent, child)
+        float_mod = model.get_submodule(name)
         specs = (
             t.to_spec() if isinstance(t, TensorQuant) else None for t in (rule.weight, rule.activation, rule.output)
         )
         wrapper = QUANT_MODULES[type(float_mod)].from_float(float_mod, *specs)
-        setattr(parent, child, wrapper)
+        model.set_submodule(name, wrapper)
     for name, bounds in report.fused_bounds.items():  # the activation now runs inside the layer, before its output
         module = report.fused_relus.get(name)  # quantizer; a function call (F.relu) stays: a second clamp is a no-op
         if module is not None:
-            _set_submodule(model, module, nn.Identity())
+            model.set_submodule(module, nn.Identity())
         wrapper = model.get_submodule(name)
         wrapper.fused_relu, wrapper.fused_bounds = module, bounds
     report.notes += disable_fused_fast_paths(model)
@@ -259,18 +257,13 @@ def disable_fused_fast_paths(model: nn.Module) -> list[str]:
             f"is turned off in {len(layers)} layer(s): {', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}"]  # fmt: skip
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def unprepare(model: nn.Module) -> nn.Module:
     """Put the float layers (with their current weights) back in place of every wrapper."""
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantModule) and name:
             if m.fused_relu is not None:
-                _set_submodule(model, m.fused_relu, activation_module(m.fused_activation()))
-            _set_submodule(model, name, m.to_float())
+                model.set_submodule(m.fused_relu, activation_module(m.fused_activation()))
+            model.set_submodule(name, m.to_float())
     return model
 
 
