@@ -147,7 +147,7 @@ def test_coreml_palettizes_a_causal_lm_with_its_own_tables(tiny_lm_dir, tmp_path
     assert np.array_equal(lut.reshape(lut.shape[0], -1), first.lut.detach().half().float().numpy())
 
 
-@pytest.mark.parametrize("weight", [{"bits": 2}, {"bits": 4, "granularity": "group", "group_size": 8}])
+@pytest.mark.parametrize("weight", [{"bits": 2}, {"bits": 3}, {"bits": 4, "granularity": "group", "group_size": 8}])
 def test_packed_checkpoint_round_trip_gives_the_same_outputs(weight, tmp_path):
     data = load_digits(0.15, 0)
     torch.manual_seed(0)
@@ -161,7 +161,8 @@ def test_packed_checkpoint_round_trip_gives_the_same_outputs(weight, tmp_path):
     ref = _logits(model, data)
     info = save_packed(model, tmp_path / "m.safetensors", {"note": "test"})
     float_bytes = save_weights(tmp_path / "f.safetensors", model.state_dict()).stat().st_size
-    assert info["file_bytes"] < (0.2 if weight["bits"] == 2 else 0.35) * float_bytes
+    # measured: 2 bits 0.103, 3 bits 0.133 (in the 4-bit slots of earlier versions 0.162)
+    assert info["file_bytes"] < {2: 0.11, 3: 0.14, 4: 0.35}[weight["bits"]] * float_bytes
     fresh = MLP(data.input_shape, 10, hidden=[256, 128])
     prepare(fresh, {"rules": [{"types": ["Linear"], "weight": weight, "activation": {"bits": 8}}]})
     loaded = apply_packed(fresh, tmp_path / "m.safetensors")
@@ -171,6 +172,32 @@ def test_packed_checkpoint_round_trip_gives_the_same_outputs(weight, tmp_path):
     (tmp_path / "bad.safetensors").write_bytes((tmp_path / "m.safetensors").read_bytes()[:200])
     with pytest.raises(CheckpointError):
         load_packed_state(tmp_path / "bad.safetensors")
+
+
+def test_packed_file_from_before_exact_widths_still_loads(tmp_path):
+    """Earlier versions stored 3-bit codes in 4-bit slots; such a file (rewritten here from a current one, with
+    its codes repacked at 4 bits) loads to the same weights, and the current file is the smaller one."""
+    from qatkit.io.checkpoint import load_weights, read_metadata
+    from qatkit.quant.packing import pack_bits, unpack_bits
+
+    torch.manual_seed(0)
+    model = MLP((1, 8, 8), 10, hidden=[32])
+    prepare(model, {"rules": [{"types": ["Linear"], "weight": {"bits": 3}, "activation": {"bits": 8}}]})
+    calibrate(model, [torch.randn(16, 1, 8, 8)], 1)
+    save_packed(model, tmp_path / "new.safetensors")
+    meta, tensors = read_metadata(tmp_path / "new.safetensors"), load_weights(tmp_path / "new.safetensors")
+    layers = {}
+    for name, info in meta["packed_layers"].items():
+        assert info["code_bits"] == 3
+        codes = unpack_bits(tensors[f"{name}.weight_codes"], 3, tuple(info["shape"]))
+        tensors[f"{name}.weight_codes"] = pack_bits(codes, 4)
+        layers[name] = {**info, "code_bits": 4}
+    extra = {k: v for k, v in meta.items() if k not in ("format", "sha256", "packed_layers")}
+    save_weights(tmp_path / "old.safetensors", tensors, {**extra, "packed_layers": layers})
+    new, _ = load_packed_state(tmp_path / "new.safetensors")
+    old, _ = load_packed_state(tmp_path / "old.safetensors")
+    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    assert (tmp_path / "new.safetensors").stat().st_size < (tmp_path / "old.safetensors").stat().st_size
 
 
 def test_missing_extra_is_named(monkeypatch, tmp_path):

@@ -1,7 +1,7 @@
 """Packed low-bit checkpoint for affine-quantized models: weight codes bit-packed, everything else as trained.
 
 The file is safetensors. Each quantized layer's weight is stored as its integer codes (shifted to start at 0)
-packed into bytes at the smallest width of 1/2/4/8 bits that holds the grid; its scale and zero point are the
+packed into bytes at the grid's own width (3-bit weights: 3 bits each on disk); its scale and zero point are the
 quantizer's own buffers, kept in the state dict. Loading unpacks the codes to ``(q - zp) * scale`` — the very
 values the fake-quant model computes with — and fixes the weight ranges, so outputs match the source model.
 The weight quantizers' observed ranges (``min_val``/``max_val``, one float per scale) are not stored: they
@@ -29,7 +29,12 @@ KIND = "qatkit-packed-affine"
 
 
 def code_bits(bits: int) -> int:
-    """Storage width for a grid of ``bits`` bits: 1, 2, 4 or 8 (packing needs a width that divides a byte)."""
+    """Storage width for a grid of ``bits`` bits: the grid's own width."""
+    return bits
+
+
+def legacy_code_bits(bits: int) -> int:
+    """The width earlier versions stored codes at (1, 2, 4 or 8: whole codes per byte); such files still load."""
     return next(w for w in (1, 2, 4, 8) if bits <= w)
 
 
@@ -101,7 +106,7 @@ def _check_layer_info(path: str | Path, name: str, info) -> None:
             raise CheckpointError(f"{where}.{k}: expected {getattr(typ, '__name__', 'int or null')}, got {info[k]!r}")
     if not 1 <= len(info["shape"]) <= 8 or not all(type(d) is int and 0 < d <= 1 << 24 for d in info["shape"]):
         raise CheckpointError(f"{where}.shape: expected 1 to 8 positive sizes, got {info['shape']!r}")
-    if not 2 <= info["bits"] <= 8 or info["code_bits"] not in (1, 2, 4, 8) or info["code_bits"] < info["bits"]:
+    if not 2 <= info["bits"] <= 8 or info["code_bits"] not in (code_bits(info["bits"]), legacy_code_bits(info["bits"])):
         raise CheckpointError(f"{where}: bits {info['bits']} in code_bits {info['code_bits']} is not a packed grid")
     axis_ok = info["ch_axis"] is None or 0 <= info["ch_axis"] < len(info["shape"])
     if not -128 <= info["qmin"] <= 0 or not axis_ok or info["group"] < 0:
