@@ -36,7 +36,8 @@ def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
     assert {k[:2] for k in rows if k[2] == "pytorch"} == set(sources)
     assert {k[3] for k in rows if k[2] == "tflite"} == {"fp32", "dynamic_int8", "int8"}  # the default precisions
     for fmt, float_prec, quant_prec in [("onnx", "fp32", "int8"), ("tflite", "fp32", "int8"),
-                                        ("coreml", "fp16", "int8"), ("packed", None, "packed-int4")]:  # fmt: skip
+                                        ("coreml", "fp16", "int8"), ("executorch", "fp32", "int8"),
+                                        ("packed", None, "packed-int4")]:  # fmt: skip
         expected = [("fp32", "fp32", float_prec)] if float_prec else []
         expected += [("w4a8", s, quant_prec) for s in ("ptq", "qat")]
         for v, s, p in expected:
@@ -49,6 +50,8 @@ def test_run_tiny_recipe_writes_report_and_every_format(tmp_path):
     qat_onnx = rows["w4a8", "qat", "onnx", "int8"]
     assert qat_onnx["details"]["integer_kernels"] and set(qat_onnx["latency_ms"]) == {"1", "64"}
     assert set(rows["w4a8", "qat", "tflite", "int8"]["latency_ms"]) == {"1", "64"}
+    qat_pte = rows["w4a8", "qat", "executorch", "int8"]
+    assert set(qat_pte["details"]["layers"]) == {"int8"} and qat_pte["float_layers"] == []
     for name in ("fp32.safetensors", "w4a8_qat.safetensors", "report.md", "fp32_train.csv"):
         assert (out / name).is_file()
     md = (out / "report.md").read_text()

@@ -79,17 +79,19 @@ def test_two_input_binary_model_runs_end_to_end_with_every_runnable_format(user_
     """Keyword inputs from x_xz / x_yl, one sigmoid logit; ONNX, LiteRT and packed files run and agree."""
     _pixels(user_folder / "pixels.npz")
     monkeypatch.chdir(tmp_path)  # the recipe's own folder must be what makes pixel_model importable
-    recipe = load_recipe(_recipe(user_folder, "binary", ["onnx", "tflite", "packed"], "roc_auc"))
+    recipe = load_recipe(_recipe(user_folder, "binary", ["onnx", "tflite", "executorch", "packed"], "roc_auc"))
     report = run(recipe, tmp_path / "out", progress=False)
     rows = {(r.variant, r.stage, r.format, r.precision): r for r in report.rows}
     fp32 = rows[("fp32", "fp32", "pytorch", None)]
     assert fp32.metrics["roc_auc"] > 0.8 and "pr_auc" in fp32.metrics
     for key in [("fp32", "fp32", "onnx", "fp32"), ("w8a8", "qat", "onnx", "int8"), ("fp32", "fp32", "tflite", "fp32"),
-                ("w8a8", "qat", "tflite", "int8"), ("w8a8", "qat", "packed", "packed-int8")]:  # fmt: skip
+                ("w8a8", "qat", "tflite", "int8"), ("fp32", "fp32", "executorch", "fp32"),
+                ("w8a8", "qat", "executorch", "int8"), ("w8a8", "qat", "packed", "packed-int8")]:  # fmt: skip
         row = rows[key]
         assert row.parity == "ok", (key, row.parity)
         assert row.agreement >= 0.97
     assert rows[("w8a8", "qat", "onnx", "int8")].latency_ms.keys() == {"1", "8"}
+    assert rows[("w8a8", "qat", "executorch", "int8")].latency_ms.keys() == {"1", "8"}
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["data"]["inputs"] == {"xz": "(6,) float32", "yl": "(4,) float32"}
     md = (tmp_path / "out" / "report.md").read_text()

@@ -18,6 +18,7 @@ def require(module: str, extra: str, what: str) -> ModuleType:
 EXTRA_MODULES = {
     "tflite": ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
     "coreml": ("coremltools",),
+    "executorch": ("executorch",),
 }
 
 

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from qatkit.base.config import Strict, one_of
 
-FORMATS = ("onnx", "tflite", "coreml", "packed")
+FORMATS = ("onnx", "tflite", "coreml", "executorch", "packed")
 
 
 class TFLiteExport(Strict):
@@ -33,13 +33,22 @@ class CoreMLExport(Strict):
     precisions: list[Literal["fp16", "int8"]] = Field(default_factory=lambda: ["fp16", "int8"])
 
 
+class ExecuTorchExport(Strict):
+    """ExecuTorch files (XNNPACK delegate): ``fp32`` from the float model, ``int8`` (the source's own scales)
+    from each quantized model. ``max_batch``: the largest batch a file takes (its planned memory grows with it)."""
+
+    precisions: list[Literal["fp32", "int8"]] = Field(default_factory=lambda: ["fp32", "int8"])
+    max_batch: int = Field(256, ge=1, le=65536)
+
+
 class ExportConfig(Strict):
     """Which files to write and verify, and when a file counts as a parity failure."""
 
     formats: list[str] = Field(default_factory=lambda: ["onnx"], max_length=16)
-    """Registered formats (export/formats.py): onnx, tflite, coreml, packed."""
+    """Registered formats (export/formats.py): onnx, tflite, coreml, executorch, packed."""
     tflite: TFLiteExport = Field(default_factory=TFLiteExport)
     coreml: CoreMLExport = Field(default_factory=CoreMLExport)
+    executorch: ExecuTorchExport = Field(default_factory=ExecuTorchExport)
     min_agreement: float = Field(0.99, ge=0, le=1)
     """Top-1 agreement with the source model below which an integer file fails parity."""
     max_accuracy_drop: float = Field(0.02, ge=0, le=1)

@@ -7,7 +7,8 @@ stay int8 on disk but the matmul runs in float (ONNX has no blocked Q/DQ before 
 
 ``signed=True`` is the LiteRT flavour: every grid is stored as int8 (an unsigned grid shifts its zero point
 by -128, which changes no value) and weights stay float behind a quantize/dequantize pair, the form the LiteRT
-converter folds into int8 tensors.
+converter folds into int8 tensors. ``codes=True`` keeps the weights as int8 codes behind a dequantize even then
+(the form ExecuTorch's XNNPACK partitioner takes; a float copy would be stored in the file unused).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ qd = torch.ops.quantized_decomposed
 class QDQWeight(nn.Module):
     """Integer weight codes plus what it takes to dequantize them in the graph (``signed``: see module doc)."""
 
-    def __init__(self, weight: torch.Tensor, fq: FakeQuantizer, signed: bool = False):
+    def __init__(self, weight: torch.Tensor, fq: FakeQuantizer, signed: bool = False, codes: bool = False):
         super().__init__()
         spec = fq.spec
+        self.requantize = signed and not codes
         if bool(fq.observer_on):  # tracked ranges are refreshed on each forward: the last step's may be stale
             fq.update_range(weight)
         self.qmin, self.qmax, self.ch_axis, self.group = spec.qmin, spec.qmax, fq.ch_axis, fq.group_size
@@ -40,7 +42,6 @@ class QDQWeight(nn.Module):
             weight.detach(), fq.scale.detach(), fq.zero_point, spec.qmin, spec.qmax, fq.ch_axis, fq.group_size
         )
         zero_point = fq.zero_point.detach().clone().to(torch.int64)
-        self.signed = signed
         if signed:
             if self.group:
                 raise ValueError("LiteRT int8 export does not support per-group weight scales")
@@ -54,11 +55,11 @@ class QDQWeight(nn.Module):
         self.register_buffer("zero_point", zero_point)
         self.tensor_qparams = (float(self.scale.reshape(-1)[0]), int(self.zero_point.reshape(-1)[0]))
         self.shape = tuple(weight.shape)
-        if signed:  # float values on the grid, re-quantized in the graph (exact: they are already on it)
+        if self.requantize:  # float values on the grid, re-quantized in the graph (exact: they are already on it)
             self.register_buffer("values", self._dequantize(self.codes))
 
     def forward(self) -> torch.Tensor:
-        if not self.signed:
+        if not self.requantize:
             return self._dequantize(self.codes)
         if self.ch_axis is None:
             s, zp = self.tensor_qparams
@@ -116,12 +117,12 @@ class QDQInput(nn.Module):
 class QDQLayer(nn.Module):
     """A Linear or Conv layer in Q/DQ form: quantized input, integer weight, float bias, quantized output if asked."""
 
-    def __init__(self, wrapper: QuantModule, signed: bool = False):
+    def __init__(self, wrapper: QuantModule, signed: bool = False, codes: bool = False):
         super().__init__()
         self.input_qdq = QDQInput(wrapper.input_quant, signed) if wrapper.input_quant is not None else None
         self.output_qdq = QDQInput(wrapper.output_quant, signed) if wrapper.output_quant is not None else None
         if wrapper.weight_quant is not None:
-            self.weight_qdq = QDQWeight(wrapper.weight, wrapper.weight_quant, signed)
+            self.weight_qdq = QDQWeight(wrapper.weight, wrapper.weight_quant, signed, codes)
         else:
             self.register_buffer("float_weight", wrapper.weight.detach().clone())
         self.bias = None if wrapper.bias is None else nn.Parameter(wrapper.bias.detach().clone(), requires_grad=False)
@@ -173,11 +174,22 @@ def _layer_fn(m: QuantModule):
     raise TypeError(f"no Q/DQ export for {type(m).__name__}")
 
 
-def to_qdq(model: nn.Module, signed: bool = False) -> nn.Module:
+def require_int8_weights(model: nn.Module, what: str) -> None:
+    """Refuse quantized weights an int8 runtime cannot hold on their own grid: asymmetric ones (a non-zero
+    weight zero point; XNNPACK runs them silently wrong) and per-group scales."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantModule) and m.weight_quant is not None:
+            if not m.weight_quant.spec.symmetric:
+                raise ValueError(f"{what} needs symmetric weight quantization; layer {name!r} is asymmetric")
+            if m.weight_quant.group_size:
+                raise ValueError(f"{what} does not support per-group weight scales (layer {name!r})")
+
+
+def to_qdq(model: nn.Module, signed: bool = False, codes: bool = False) -> nn.Module:
     """A copy of ``model`` with every quantized wrapper replaced by its Q/DQ form (eval mode); ``signed``: the
-    LiteRT flavour (see the module docstring)."""
+    LiteRT flavour, ``codes``: with int8 weight codes (see the module docstring)."""
     out = copy.deepcopy(model).eval()
     for name, m in list(out.named_modules()):
         if isinstance(m, QuantModule):
-            out.set_submodule(name, QDQLayer(m, signed))
+            out.set_submodule(name, QDQLayer(m, signed, codes))
     return out

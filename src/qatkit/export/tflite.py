@@ -25,7 +25,7 @@ from qatkit.base.batch import InputSpec, adapt, repeat_rows, rows
 from qatkit.base.extras import require
 from qatkit.export.formats import Exporter, opened, quantized_layers
 from qatkit.export.onnx import quiet
-from qatkit.export.qdq import to_qdq
+from qatkit.export.qdq import require_int8_weights, to_qdq
 from qatkit.export.tflite_weights import count_layers, float_copy, layer_forms, with_int8_weights
 from qatkit.io.checkpoint import atomic_write_bytes
 from qatkit.nn.modules import QuantModule
@@ -116,9 +116,7 @@ def _check_source(model: nn.Module, precision: str) -> None:
 def _convert_int8(lt, model: nn.Module, spec: InputSpec, args: tuple, path: Path, io: str,
                   weights_too: bool = False) -> None:  # fmt: skip
     """The model's Q/DQ graph with constant scales; ``weights_too``: float layers get int8 weights (hybrid)."""
-    for name, m in model.named_modules():
-        if isinstance(m, QuantModule) and m.weight_quant is not None and not m.weight_quant.spec.symmetric:
-            raise ValueError(f"LiteRT int8 needs symmetric weight quantization; layer {name!r} is asymmetric")
+    require_int8_weights(model, "LiteRT int8")
     if weights_too:
         model = with_int8_weights(model, keep_activations=True)
     qdq = to_qdq(model, signed=True)

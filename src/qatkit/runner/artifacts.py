@@ -18,7 +18,7 @@ from qatkit.base.batch import InputSpec
 from qatkit.base.extras import check_installed
 from qatkit.export import EXPORTERS, Artifact, Source, verify
 from qatkit.export.config import ExportConfig
-from qatkit.export.formats import diagnosable
+from qatkit.export.formats import diagnosable, quantized_layers
 from qatkit.runner.diagnosis import summary, write_diagnosis
 from qatkit.runner.outdir import inside
 from qatkit.runner.report import Report, Row
@@ -157,6 +157,9 @@ def _parity(row: Row, art: Artifact, source: dict, task: Task, cfg: ExportConfig
     integer = art.precision in INTEGER_PRECISIONS or art.format == "packed"
     if integer:
         problems.append(task.agreement_problem(row.agreement, cfg))
+        expected = len(quantized_layers(art.source.model))
+        if expected and len(row.float_layers) >= expected:
+            problems.append(f"none of its {expected} quantized layers runs as an integer kernel (float in effect)")
     if drop > cfg.max_accuracy_drop:
         problems.append(
             f"{task.primary} {100 * drop:.2f} points below the source (limit {100 * cfg.max_accuracy_drop:.0f})"
