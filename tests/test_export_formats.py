@@ -215,6 +215,14 @@ def test_missing_extra_is_named(monkeypatch, tmp_path):
     check_extras(ExportConfig(formats=["onnx", "packed"]))
     with pytest.raises(ImportError, match=r"TFLite export .*qatkit\[tflite\]"):
         check_extras(ExportConfig(formats=["onnx", "tflite"]))
+    monkeypatch.setitem(sys.modules, "executorch", None)
+    from qatkit.export.executorch import export_executorch
+
+    with pytest.raises(ImportError, match=r'pip install "qatkit\[executorch\]"'):
+        export_executorch(model, torch.zeros(1, 1, 8, 8), tmp_path / "a.pte")
+    with pytest.raises(ImportError, match=r"ExecuTorch export .*qatkit\[executorch\]"):
+        check_extras(ExportConfig(formats=["executorch"]))
+    assert not (tmp_path / "a.pte").exists()
 
 
 def test_coreml_int8_transformer_with_float_attention(tmp_path):

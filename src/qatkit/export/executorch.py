@@ -38,8 +38,9 @@ ABORTING = (".quantize_per_channel",)
 """Ops whose portable ExecuTorch kernel aborts the process (an assert, not an exception) on qatkit's graphs."""
 
 
-def _executorch():
-    return require("executorch.exir", "executorch", "ExecuTorch export")
+def _executorch(what: str = "ExecuTorch export"):
+    require("executorch", "executorch", what)  # the package first: its submodules may already be imported
+    return require("executorch.exir", "executorch", what)
 
 
 def export_executorch(model: nn.Module, example, path: str | Path, precision: str = "fp32",
@@ -193,7 +194,7 @@ class ExecuTorchRunner:
     def __init__(self, path: str | Path, threads: int = 1):
         self.path = Path(path)
         with quiet("executorch"):
-            require("executorch.runtime", "executorch", "Running ExecuTorch files")
+            _executorch("Running ExecuTorch files")
             _set_threads(threads)
             from executorch.runtime import Runtime
 
