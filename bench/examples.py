@@ -2,10 +2,11 @@
 file-size and latency ratios of each integer file to its float file, agreement, BatchNorms left unfolded and the
 quantized layers a runtime still runs in float.
 
-    python bench/examples.py [NAME ...] [--json bench/results/examples.json]
+    python bench/examples.py [NAME ...] [--formats onnx executorch ...] [--json bench/results/examples.json]
 
-Each example's data is made first (its make_data.py, default size) in a temporary folder; the run goes to
-runs/examples/<name>. Numbers are measured in this run (2-core CPU here; latency: 1 thread, see the reports).
+Each example's data is made first (its make_data.py, default size) in a temporary folder; a bundled recipe's
+name (digits_mlp, the default run) runs that recipe; ``--formats`` replaces the recipes' export formats. The
+run goes to runs/examples/<name>. Numbers are measured in this run (2-core CPU here; latency: 1 thread, see the reports).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from qatkit.cli.main import bundled_recipes
 from qatkit.recipe import parse_recipe
 from qatkit.runner.pipeline import run
 
@@ -27,15 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run_example(name: str, out_root: Path) -> dict:
-    """Make the example's data, run its recipe unchanged (data path redirected), and summarise the report."""
+def run_example(name: str, out_root: Path, formats: list[str] | None = None) -> dict:
+    """Make the example's data, run its recipe unchanged (data path redirected; export formats replaced if
+    given), and summarise the report."""
     folder = EXAMPLES / name
-    raw = yaml.safe_load((folder / "recipe.yaml").read_text())
+    bundled = not (folder / "recipe.yaml").is_file()
+    raw = yaml.safe_load((bundled_recipes()[name] if bundled else folder / "recipe.yaml").read_text())
+    if formats:
+        raw["export"] = dict(raw.get("export", {}), formats=formats)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / Path(raw["data"]["path"]).name
-        subprocess.run([sys.executable, str(folder / "make_data.py"), "--out", str(data)], check=True)
-        raw["base_dir"] = str(folder)
-        raw["data"]["path"] = str(data)
+        if not bundled:
+            data = Path(tmp) / Path(raw["data"]["path"]).name
+            subprocess.run([sys.executable, str(folder / "make_data.py"), "--out", str(data)], check=True)
+            raw["base_dir"] = str(folder)
+            raw["data"]["path"] = str(data)
         raw.pop("cv", None)  # one run on the file's own split (folds: bench/folds.py)
         recipe = parse_recipe(raw, name)
         t0 = time.perf_counter()
@@ -51,7 +58,8 @@ def run_example(name: str, out_root: Path) -> dict:
                      "size_ratio": r.size_bytes / ref.size_bytes if ref and r.size_bytes and ref.size_bytes else None,
                      "latency_ratio": ratio, "agreement": r.agreement, "parity": r.parity,
                      "float_layers": r.float_layers,
-                     "integer_kernels": (r.details or {}).get("integer_kernels")})  # fmt: skip
+                     "integer_kernels": (r.details or {}).get("integer_kernels"), "details": r.details,
+                     "size_bytes": r.size_bytes, "latency_ms": r.latency_ms})  # fmt: skip
     return {"example": name, "task": task.name, "metric": key, "agreement": task.agreement_header.removesuffix(" %"),
             "seconds": seconds, "rows": rows,
             "batchnorm_left": report.folding.get("left", {}), "warnings": report.warnings()}  # fmt: skip
@@ -74,11 +82,12 @@ def main() -> None:
     ap.add_argument("names", nargs="*", help="examples to run (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "examples")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--formats", nargs="+", help="export these formats instead of each recipe's own")
     args = ap.parse_args()
     names = args.names or sorted(p.name for p in EXAMPLES.iterdir() if (p / "recipe.yaml").is_file())
     results = []
     for name in names:
-        results.append(run_example(name, args.out))
+        results.append(run_example(name, args.out, args.formats))
         show(results[-1])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -140,3 +140,25 @@ def test_an_int8_file_with_no_integer_layer_fails_parity(tmp_path):
     (row,) = verify_artifacts([art], art.spec, {"input": x}, src.outputs.argmax(1), task, cfg, report)
     assert row.agreement == 1.0 and row.float_layers == ["0 (not delegated)"]
     assert row.parity.startswith("failed") and "float in effect" in row.parity
+
+
+class PinnedBatch(nn.Module):
+    """A model that only runs at batch 2 (a constant broadcast against its input): no dynamic batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.register_buffer("row_gain", torch.tensor([[1.0], [2.0]]))
+
+    def forward(self, x):
+        return self.lin(x) * self.row_gain
+
+
+def test_a_model_that_pins_its_batch_gets_a_fixed_batch_file(tmp_path):
+    model, x = PinnedBatch().eval(), torch.randn(7, 5)
+    info = export_executorch(model, x[:2], tmp_path / "p.pte")
+    assert info["batch"] == 2
+    y = ExecuTorchRunner(tmp_path / "p.pte").run(x.numpy())  # chunks of 2, the last one padded
+    x8 = torch.cat([x, x[-1:]])
+    ref = torch.cat([model(c) for c in x8.split(2)])[:7].detach().numpy()
+    np.testing.assert_allclose(y, ref, atol=1e-5)

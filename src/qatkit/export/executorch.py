@@ -57,14 +57,13 @@ def export_executorch(model: nn.Module, example, path: str | Path, precision: st
         require_int8_weights(model, "ExecuTorch int8")
         model = _xnnpack_grids(to_qdq(model, signed=True, codes=True))
     spec = InputSpec.of(example)
-    named = {k: v[torch.arange(max(EXAMPLE_ROWS, len(v))) % len(v)] for k, v in spec.named(example).items()}
     graph = adapt(model.eval(), spec)
     with quiet("executorch"):
         _executorch()
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import EdgeProgramManager, to_edge_transform_and_lower
 
-        program, batch = _export(graph, named, max_batch)
+        program, batch = _export(graph, spec.named(example), max_batch)
         try:
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
         except (RuntimeError, AssertionError) as e:
@@ -89,20 +88,20 @@ def export_executorch(model: nn.Module, example, path: str | Path, precision: st
 
 
 def _export(graph: nn.Module, named: dict[str, torch.Tensor], max_batch: int):
-    """``torch.export`` with a dynamic batch of 1..``max_batch``; where the model pins its batch, at the
-    example's fixed batch. Returns the program and its batch ("dynamic" or the fixed size)."""
+    """``torch.export`` with a dynamic batch of 1..``max_batch`` (traced on the example's rows repeated to 16);
+    where the model pins its batch, at the example's own batch. Returns the program and its batch ("dynamic" or
+    the fixed size)."""
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     shapes = tuple({0: batch} for _ in named)
     if isinstance(graph, Positional):
         shapes = (shapes,)  # the adapter takes the inputs as one *args parameter
-    args = tuple(named.values())
+    rows16 = tuple(v[torch.arange(max(EXAMPLE_ROWS, len(v))) % len(v)] for v in named.values())
     try:
-        return torch.export.export(graph, args, dynamic_shapes=shapes), "dynamic"
-    except Exception as e:  # noqa: BLE001  (torch.export raises several types for a specialized batch)
-        if "batch" not in str(e) and "Constraints violated" not in str(e):
-            raise
-        one = tuple(a[:1] for a in args)
-        return torch.export.export(graph, one), 1
+        return torch.export.export(graph, rows16, dynamic_shapes=shapes), "dynamic"
+    except Exception:  # noqa: BLE001  (a pinned batch raises several types; any other problem fails again below)
+        pass
+    args = tuple(named.values())
+    return torch.export.export(graph, args), len(args[0])
 
 
 def _xnnpack_grids(g: nn.Module) -> nn.Module:
