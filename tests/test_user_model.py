@@ -111,8 +111,9 @@ def test_two_input_binary_model_runs_end_to_end_with_every_runnable_format(user_
     packed = load_packed_model(tmp_path / "out" / "packed" / "w8a8_qat.packed.safetensors", trust_code=True)
     xz, yl = torch.randn(7, 6), torch.randn(7, 4)
     qat_row = rows[("w8a8", "qat", "pytorch", None)]
-    again, _ = export_run(tmp_path / "out", ["onnx"])
+    again, _ = export_run(tmp_path / "out", ["onnx", "executorch"])
     assert again.find("w8a8", "qat", "onnxruntime").parity == "ok"
+    assert again.find("w8a8", "qat", "executorch-xnnpack").parity == "ok"
     assert packed(xz=xz, yl=yl).shape == (7, 1) and qat_row.metrics is not None
 
 
