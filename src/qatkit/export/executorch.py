@@ -235,6 +235,7 @@ class ExecuTorchExporter(Exporter):
         "executorch",
         "ExecuTorch export",
     )
+    float_in_effect_fails = True
 
     def precisions(self, src, cfg):
         return [p for p in cfg.executorch.precisions if (p == "int8") == src.quantized]

@@ -74,6 +74,9 @@ class Exporter:
     """The optional dependency group the format needs (checked before any training)."""
     title: ClassVar[str] = ""
     """How messages name the format ("TFLite export")."""
+    float_in_effect_fails: ClassVar[bool] = False
+    """An integer file in which every quantized layer runs in float fails parity (where no recipe asks for that:
+    ONNX files of per-group weights run in float by design)."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

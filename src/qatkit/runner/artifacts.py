@@ -158,7 +158,7 @@ def _parity(row: Row, art: Artifact, source: dict, task: Task, cfg: ExportConfig
     if integer:
         problems.append(task.agreement_problem(row.agreement, cfg))
         expected = len(quantized_layers(art.source.model))
-        if expected and len(row.float_layers) >= expected:
+        if EXPORTERS[art.format].float_in_effect_fails and expected and len(row.float_layers) >= expected:
             problems.append(f"none of its {expected} quantized layers runs as an integer kernel (float in effect)")
     if drop > cfg.max_accuracy_drop:
         problems.append(
