@@ -162,3 +162,13 @@ def test_a_model_that_pins_its_batch_gets_a_fixed_batch_file(tmp_path):
     x8 = torch.cat([x, x[-1:]])
     ref = torch.cat([model(c) for c in x8.split(2)])[:7].detach().numpy()
     np.testing.assert_allclose(y, ref, atol=1e-5)
+
+
+def test_a_damaged_or_foreign_file_is_refused_by_name(tmp_path):
+    model, x = MLP((1, 8, 8), 10, hidden=[8]).eval(), torch.randn(4, 1, 8, 8)
+    export_executorch(model, x[:2], tmp_path / "m.pte")
+    (tmp_path / "cut.pte").write_bytes((tmp_path / "m.pte").read_bytes()[:3000])
+    (tmp_path / "foreign.pte").write_bytes(b"not an ExecuTorch program")
+    for name in ("cut.pte", "foreign.pte"):
+        with pytest.raises(ValueError, match=f"{name}: not an ExecuTorch program written by qatkit, or a damaged"):
+            ExecuTorchRunner(tmp_path / name)

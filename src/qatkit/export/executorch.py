@@ -197,9 +197,13 @@ class ExecuTorchRunner:
             _set_threads(threads)
             from executorch.runtime import Runtime
 
-            program = Runtime.get().load_program(self.path)
-            self.method = program.load_method("forward")
-            self.info = json.loads(program.load_method(INFO_METHOD).execute([])[0])
+            try:
+                program = Runtime.get().load_program(self.path)
+                self.method = program.load_method("forward")
+                self.info = json.loads(program.load_method(INFO_METHOD).execute([])[0])
+            except (RuntimeError, ValueError) as e:  # ExecuTorch's own error codes say little
+                raise ValueError(f"{self.path}: not an ExecuTorch program written by qatkit, or a damaged one "
+                                 f"({str(e).splitlines()[0][:120]})") from None  # fmt: skip
         self.batch = self.info["batch"]
         """"dynamic" (any batch up to the exported maximum) or the file's fixed batch."""
         self.max_batch = program.metadata("forward").input_tensor_meta(0).sizes()[0]
