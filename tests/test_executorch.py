@@ -94,7 +94,8 @@ def test_keyword_inputs_are_taken_in_order(tmp_path):
     prepare(model, "int8")
     calibrate(model, [{"xz": xz, "yl": yl}], 1)
     model.eval()
-    export_executorch(model, {"xz": xz[:2], "yl": yl[:2]}, tmp_path / "two.pte", "int8")
+    info = export_executorch(model, {"xz": xz[:2], "yl": yl[:2]}, tmp_path / "two.pte", "int8")
+    assert set(info["layers"]) == {"a", "b", "out"}  # names as the user's model has them, not the adapter's
     y = ExecuTorchRunner(tmp_path / "two.pte").run({"xz": xz.numpy(), "yl": yl.numpy()})
     ref = model(xz=xz, yl=yl).detach().numpy()
     assert (y.argmax(1) == ref.argmax(1)).mean() >= 0.98

@@ -57,6 +57,7 @@ def export_executorch(model: nn.Module, example, path: str | Path, precision: st
         require_int8_weights(model, "ExecuTorch int8")
         model = _xnnpack_grids(to_qdq(model, signed=True, codes=True))
     spec = InputSpec.of(example)
+    was_training = model.training
     graph = adapt(model.eval(), spec)
     with quiet("executorch"):
         _executorch()
@@ -81,6 +82,7 @@ def export_executorch(model: nn.Module, example, path: str | Path, precision: st
         em = EdgeProgramManager({"forward": edge.exported_program()}, {INFO_METHOD: json.dumps(info)},
                                 edge.compile_config)  # fmt: skip
         buffer = em.to_executorch().buffer
+    model.train(was_training)  # the caller's model as it was (a float model is traced in place)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer)
@@ -152,7 +154,7 @@ def _layer(n: torch.fx.Node, prefix: str) -> str:
     stack = n.meta.get("nn_module_stack") or {}
     name = list(stack.values())[-1][0] if stack else ""
     name = "" if name.startswith("_empty") else name
-    name = name.removeprefix(prefix)
+    name = "" if name == prefix.rstrip(".") else name.removeprefix(prefix)
     return name.rsplit(".weight_qdq", 1)[0].rsplit(".input_qdq", 1)[0].rsplit(".output_qdq", 1)[0] or "(model)"
 
 
