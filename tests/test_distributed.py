@@ -81,3 +81,21 @@ def test_distributed_run_resumes_from_a_step_checkpoint(runs):
     got = load_file(str(out / "w8a8_qat.safetensors"))
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
+
+
+def test_compiled_qat_stage_under_two_processes_matches_eager(runs):
+    """``compile: true`` with DDP: the stage trains through torch.compile on both ranks (no graph break, named in
+    the report) and ends where the eager two-process run does, to rounding."""
+    recipe, folder = runs
+    compiled = yaml.safe_load(recipe.read_text())
+    compiled["variants"][0]["qat"]["compile"] = True
+    path = folder / "compiled.yaml"
+    path.write_text(yaml.safe_dump(compiled))
+    r = run(path, folder / "compiled", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (folder / "compiled" / "report.md").read_text()
+    assert "- w8a8_qat: torch.compile (default): " in report and "0 graph break(s)" in report
+    eager, ours = rows(folder / "p2"), rows(folder / "compiled")
+    for key in eager:
+        assert abs(eager[key]["accuracy"] - ours[key]["accuracy"]) <= 0.005, key
+        assert abs(eager[key]["loss"] - ours[key]["loss"]) <= 0.01, key

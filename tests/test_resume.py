@@ -150,6 +150,14 @@ CASES = {  # name: (crash after this many steps, the step the newest checkpoint 
     "epoch-boundary": (18, 16, {}, None),
     "quant-phase-change": (23, 20, {"fake_quant_delay_steps": 20, "freeze_observers_after_steps": 21}, None),
     "rollback-after-resume": (21, 20, {"guards": {"nonfinite_skips": 1}}, 22),  # back to epoch 1's end, not 20
+    # compile: true — the compiled step (recompiled as the quantizer switches flip) resumes just as exactly
+    "compiled-phase-change": (
+        23,
+        20,
+        {"compile": True, "fake_quant_delay_steps": 20, "freeze_observers_after_steps": 21},
+        None,
+    ),  # fmt: skip
+    "compiled-rollback": (21, 20, {"compile": True, "guards": {"nonfinite_skips": 1}}, 22),
 }
 
 
@@ -186,8 +194,9 @@ def train(base, digits, run_dir, settings, resume=None, nan=None):
         nan_at(model, nan)
     cfg = TrainConfig(epochs=3, lr=2e-3, schedule="cosine", checkpoint={"every_steps": 5, "keep": 2},
                       logging={"step_csv": True, "tensorboard": False}, **settings)  # fmt: skip
-    fit(model, digits.train, digits.val, cfg, num_classes=10, batch_size=64, run_dir=run_dir, stage="q",
-        resume=resume, progress=False)  # fmt: skip
+    result = fit(model, digits.train, digits.val, cfg, num_classes=10, batch_size=64, run_dir=run_dir, stage="q",
+                 resume=resume, progress=False)  # fmt: skip
+    assert cfg.compile == (result.compile is not None and result.compile["fallback"] is None)  # it did compile
     return model
 
 

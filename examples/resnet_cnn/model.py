@@ -2,8 +2,9 @@
 
 BasicBlocks hold conv1/bn1/relu/conv2/bn2 as attributes and add the identity (or a 1x1 conv + BatchNorm
 ``downsample`` held in an nn.Sequential when the shape changes), exactly as torchvision writes them, including
-one ``relu`` module called twice per block. Stem conv + bn + relu, ``layer1``..``layer3`` (nn.Sequential of
-blocks), global average pool, ``fc``.
+one ``relu`` module called twice per block. Stem conv + bn + relu, ``layer1``..``layerN`` (nn.Sequential of
+blocks, one per entry of ``widths``), global average pool, ``fc``. ``widths=(64, 128, 256, 512), blocks=(2, 2, 2,
+2)`` is ResNet-18 with a 3x3 stem for 32x32 images (the CIFAR layout).
 """
 
 from __future__ import annotations
@@ -38,19 +39,22 @@ class BasicBlock(nn.Module):
 
 
 class TinyResNet(nn.Module):
-    """(B, in_channels, H, W) image -> class logits (B, num_classes); layer2 and layer3 halve H and W."""
+    """(B, in_channels, H, W) image -> class logits (B, num_classes); every stage after the first halves H and W."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 6, widths: tuple[int, int, int] = (16, 32, 64),
-                 blocks: tuple[int, int, int] = (1, 1, 1)):  # fmt: skip
+    def __init__(self, in_channels: int = 3, num_classes: int = 6, widths: tuple[int, ...] = (16, 32, 64),
+                 blocks: tuple[int, ...] = (1, 1, 1)):  # fmt: skip
         super().__init__()
+        if len(widths) != len(blocks) or not widths:
+            raise ValueError(f"widths {widths} and blocks {blocks} need one entry per stage")
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._stage(widths[0], widths[0], blocks[0], stride=1)
-        self.layer2 = self._stage(widths[0], widths[1], blocks[1], stride=2)
-        self.layer3 = self._stage(widths[1], widths[2], blocks[2], stride=2)
+        self.stages = len(widths)
+        for i, (channels, n) in enumerate(zip(widths, blocks, strict=True)):
+            stage = self._stage(widths[max(i - 1, 0)], channels, n, stride=1 if i == 0 else 2)
+            setattr(self, f"layer{i + 1}", stage)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(widths[2], num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes)
 
     @staticmethod
     def _stage(in_channels: int, channels: int, blocks: int, stride: int) -> nn.Sequential:
@@ -59,5 +63,6 @@ class TinyResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        for i in range(self.stages):
+            x = getattr(self, f"layer{i + 1}")(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -50,7 +50,7 @@ def _plain_quantized(m: QuantModule) -> nn.Module:
     """A float Linear/Conv holding the wrapper's quantized weight, tagged with its integer scales."""
     fq = m.weight_quant
     with torch.no_grad():
-        if bool(fq.observer_on):
+        if fq.observing:
             fq.update_range(m.weight)
         w = fq(m.weight.detach())
     if isinstance(m, QuantLinear):

@@ -93,7 +93,7 @@ class LayerDiff:
 
 def _step(module: nn.Module, ref: torch.Tensor, file_step: float | None = None) -> tuple[float, str]:
     fq = getattr(module, "output_quant", None)
-    if fq is not None and bool(fq.fake_quant_on):
+    if fq is not None and fq.quantizing:
         return float(fq.scale.detach().reshape(-1)[0]), "output scale"
     if file_step:
         return file_step, "file's tensor scale"

@@ -49,7 +49,7 @@ def save_packed(model: nn.Module, path: str | Path, metadata: dict | None = None
     layers, weights = {}, 0
     for name, m in _quantized(model).items():
         fq = m.weight_quant
-        if bool(fq.observer_on):  # the range the next forward would use
+        if fq.observing:  # the range the next forward would use
             fq.update_range(m.weight)
         q = quantize_to_int(m.weight, fq.scale, fq.zero_point, fq.spec.qmin, fq.spec.qmax, fq.ch_axis, fq.group_size)
         cb = code_bits(fq.spec.bits)

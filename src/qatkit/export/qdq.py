@@ -34,7 +34,7 @@ class QDQWeight(nn.Module):
         super().__init__()
         spec = fq.spec
         self.requantize = signed and not codes
-        if bool(fq.observer_on):  # tracked ranges are refreshed on each forward: the last step's may be stale
+        if fq.observing:  # tracked ranges are refreshed on each forward: the last step's may be stale
             fq.update_range(weight)
         self.qmin, self.qmax, self.ch_axis, self.group = spec.qmin, spec.qmax, fq.ch_axis, fq.group_size
         self.dtype = torch.uint8 if spec.qmin >= 0 else torch.int8

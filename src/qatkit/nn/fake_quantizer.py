@@ -36,7 +36,9 @@ class FakeQuantizer(nn.Module):
     """Observes a tensor's range and fake-quantizes it according to a :class:`QuantSpec`.
 
     ``observer_on`` and ``fake_quant_on`` are buffers, not Python flags, so a resumed run continues in the
-    same phase. A learnable (LSQ) scale is initialised by the observer on the first observed batch; an
+    same phase; ``forward`` reads their Python mirrors (``observing``, ``quantizing``, kept in step by the setters
+    and by ``load_state_dict``), so ``torch.compile`` specialises on them instead of splitting the graph at a
+    tensor-to-bool, and eager calls skip two device reads. A learnable (LSQ) scale is initialised by the observer on the first observed batch; an
     asymmetric learnable quantizer also learns its offset (LSQ+, Bhalgat et al. 2020) as the float parameter
     ``offset``, whose rounded value is the integer ``zero_point`` the exporters read.
     Given a ``shape`` it quantizes a weight: each observation replaces the range instead of merging into it.
@@ -61,6 +63,7 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("observed_batches", torch.zeros((), dtype=torch.int64))
         self.register_buffer("observer_on", torch.ones((), dtype=torch.bool))
         self.register_buffer("fake_quant_on", torch.ones((), dtype=torch.bool))
+        self.observing = self.quantizing = True
 
     @property
     def ch_axis(self) -> int | None:
@@ -87,11 +90,11 @@ class FakeQuantizer(nn.Module):
         return self.spec.observer == "minmax" and not self.spec.learnable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bool(self.observer_on):
+        if self.observing:
             self.update_range(x)
             if self.spec.learnable and self.training:  # a learned scale is initialised once, then trained
                 self.set_observer(False)
-        if not bool(self.fake_quant_on):
+        if not self.quantizing:
             return x
         if not self.spec.learnable:
             return fake_quantize(x, self.scale, self.zero_point, self.spec.qmin, self.spec.qmax, self.ch_axis,
@@ -103,16 +106,19 @@ class FakeQuantizer(nn.Module):
     @torch.no_grad()
     def update_range(self, x: torch.Tensor) -> None:
         """Merge ``x``'s range into the running range and recompute scale and zero point."""
-        seen = 0 if self.is_weight else int(self.observed_batches)
+        if self.is_weight:
+            seen: int | torch.Tensor = 0
+        else:  # traced: the counter stays a tensor (no graph split); eager: one read is cheaper than a select
+            seen = self.observed_batches if torch.compiler.is_compiling() else int(self.observed_batches)
         lo, hi = observe(x, self.spec, (self.min_val, self.max_val), seen)
         self.min_val.copy_(lo)
         self.max_val.copy_(hi)
-        self.observed_batches += 1
+        self.observed_batches.add_(1)  # in place: `+=` would re-register the buffer (slow setattr)
         scale, zp = qparams_from_range(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
-        self.scale.data.copy_(scale)
+        self.scale.copy_(scale)
         self.zero_point.copy_(zp)
         if self.learns_offset:
-            self.offset.data.copy_(zp.to(self.offset.dtype))
+            self.offset.copy_(zp.to(self.offset.dtype))
 
     def set_bits(self, bits: int | None) -> bool:
         """Quantize on a ``bits`` grid from now on (None: the width it was made with); True if it changed.
@@ -128,9 +134,15 @@ class FakeQuantizer(nn.Module):
 
     def set_observer(self, on: bool) -> None:
         self.observer_on.fill_(on)
+        self.observing = on
 
     def set_fake_quant(self, on: bool) -> None:
         self.fake_quant_on.fill_(on)
+        self.quantizing = on
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.observing, self.quantizing = bool(self.observer_on), bool(self.fake_quant_on)
 
     def extra_repr(self) -> str:
         s = self.spec

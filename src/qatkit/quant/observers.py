@@ -15,7 +15,7 @@ from qatkit.quant.affine import fake_quantize, group_view, qparams_from_range
 from qatkit.quant.spec import QuantSpec
 
 RangeFn = Callable[[torch.Tensor, QuantSpec], tuple[torch.Tensor, torch.Tensor]]
-MergeFn = Callable[[torch.Tensor, torch.Tensor, int, QuantSpec], torch.Tensor]
+MergeFn = Callable[[torch.Tensor, torch.Tensor, "int | torch.Tensor", QuantSpec], torch.Tensor]
 
 
 def reduce_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -52,40 +52,42 @@ def mse_range(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Ten
     lo, hi = minmax_range(rows, QuantSpec(granularity="channel"))
     best_err = torch.full_like(lo, float("inf"))
     best_ratio = torch.ones_like(lo)
-    for ratio in torch.linspace(0.2, 1.0, spec.mse_grid).tolist():
+    ratios = torch.linspace(0.2, 1.0, spec.mse_grid)
+    for i in range(spec.mse_grid):  # indexed, not .tolist(): the search traces under torch.compile
+        ratio = ratios[i]
         scale, zp = qparams_from_range(lo * ratio, hi * ratio, spec.qmin, spec.qmax, spec.symmetric)
         err = (fake_quantize(rows, scale, zp, spec.qmin, spec.qmax, ch_axis=0) - rows).pow(2).mean(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(lo, ratio), best_ratio)
+        best_ratio = torch.where(better, ratio, best_ratio)
     return lo * best_ratio, hi * best_ratio
 
 
-def merge_ema(old: torch.Tensor, new: torch.Tensor, seen: int, spec: QuantSpec) -> torch.Tensor:
+def merge_ema(old: torch.Tensor, new: torch.Tensor, seen: int | torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Exponential moving average with ``spec.ema_momentum`` (torch.ao's averaging constant)."""
-    return new if seen == 0 else old + spec.ema_momentum * (new - old)
+    return old + spec.ema_momentum * (new - old)
 
 
-def merge_mean(old: torch.Tensor, new: torch.Tensor, seen: int, spec: QuantSpec) -> torch.Tensor:
+def merge_mean(old: torch.Tensor, new: torch.Tensor, seen: int | torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Plain average over batches (for per-batch estimates such as percentiles)."""
-    return new if seen == 0 else old + (new - old) / (seen + 1)
+    return old + (new - old) / (seen + 1)
 
 
 @dataclass(frozen=True)
 class Observer:
-    """A per-batch range estimate plus how successive batches combine."""
+    """A per-batch range estimate plus how it merges into the range of the ``seen`` (> 0) batches before it."""
 
     range_fn: RangeFn
     merge_min: MergeFn
     merge_max: MergeFn
 
 
-def _merge_max(old: torch.Tensor, new: torch.Tensor, seen: int, spec: QuantSpec) -> torch.Tensor:
-    return new if seen == 0 else torch.maximum(old, new)
+def _merge_max(old: torch.Tensor, new: torch.Tensor, seen: int | torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return torch.maximum(old, new)
 
 
-def _merge_min(old: torch.Tensor, new: torch.Tensor, seen: int, spec: QuantSpec) -> torch.Tensor:
-    return new if seen == 0 else torch.minimum(old, new)
+def _merge_min(old: torch.Tensor, new: torch.Tensor, seen: int | torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return torch.minimum(old, new)
 
 
 OBSERVERS: dict[str, Observer] = {
@@ -97,11 +99,24 @@ OBSERVERS: dict[str, Observer] = {
 
 
 def observe(
-    x: torch.Tensor, spec: QuantSpec, running: tuple[torch.Tensor, torch.Tensor] | None = None, seen: int = 0
+    x: torch.Tensor,
+    spec: QuantSpec,
+    running: tuple[torch.Tensor, torch.Tensor] | None = None,
+    seen: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Range of ``x`` under ``spec.observer``, merged into ``running`` after ``seen`` earlier batches."""
+    """Range of ``x`` under ``spec.observer``, merged into ``running`` after ``seen`` earlier batches.
+
+    ``seen`` may be a tensor (a quantizer's batch counter under ``torch.compile``): the first-batch case is then
+    chosen with ``torch.where`` instead of a Python branch on the tensor's value, which would split the graph.
+    """
     obs = OBSERVERS[spec.observer]
     lo, hi = obs.range_fn(x.detach(), spec)
-    if running is None or seen == 0:
+    if running is None:
+        return lo, hi
+    if isinstance(seen, torch.Tensor):
+        first = seen == 0
+        merged_lo, merged_hi = obs.merge_min(running[0], lo, seen, spec), obs.merge_max(running[1], hi, seen, spec)
+        return torch.where(first, lo, merged_lo), torch.where(first, hi, merged_hi)
+    if seen == 0:
         return lo, hi
     return obs.merge_min(running[0], lo, seen, spec), obs.merge_max(running[1], hi, seen, spec)

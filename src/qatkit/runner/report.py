@@ -11,6 +11,7 @@ from qatkit.runner.criteria import judge
 from qatkit.runner.criteria import markdown as criteria_markdown
 from qatkit.runner.sensitivity_run import sensitivity_lines
 from qatkit.tasks import TASKS, Task
+from qatkit.train.compiled import CompileInfo
 from qatkit.transform.prepare import layers_markdown
 
 
@@ -262,6 +263,8 @@ class Report:
                                  f"(lr {i['lr_before']} -> {i['lr_after']})")  # fmt: skip
                 if t.get("gave_up"):
                     lines.append(f"- {name}: gave up: {t['gave_up']}")
+                if t.get("compile"):
+                    lines.append(f"- {name}: {CompileInfo(**t['compile']).describe()}")
             if any(t["best_epoch"] == 0 for t in self.training.values()):
                 lines += ["", "Best epoch 0 means no training epoch beat the starting point on validation, so the "
                           "starting weights were kept."]  # fmt: skip

@@ -110,6 +110,10 @@ class TrainConfig(Strict):
     fake_quant_delay_steps: int = Field(0, ge=0, le=10**9)
     freeze_observers_after_steps: int | None = Field(None, ge=0, le=10**9)
     quant_lr: float | None = Field(None, gt=0)
+    compile: bool = False
+    """Train through ``torch.compile`` (inductor): the quantizers trace with no graph break; the stage summary gives
+    the first call's seconds and the graphs made; where compiling fails the stage says why and trains eagerly."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: replicate the model on every rank (``ddp``), or shard the modules that hold trainable
     parameters with FSDP2 (``fsdp``: their weights, gradients and optimizer state take 1/N per rank)."""

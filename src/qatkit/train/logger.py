@@ -132,6 +132,13 @@ class RunLogger:
         if self.wandb:
             self.wandb.log({f"{self.stage}/{k}": v for k, v in scalars.items()}, step=step)
 
+    def notice(self, text: str) -> None:
+        """One line about how the stage trains (e.g. a compile fallback), on the console of the main process."""
+        if self.console:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[yellow]{self.stage}[/]: {text}", highlight=False, soft_wrap=True)
+
     def intervention(self, row: dict) -> None:
         """Record a guard intervention: console (main process), interventions.csv, TensorBoard."""
         if self.console:

@@ -24,6 +24,7 @@ from qatkit.components.splits import targets_of
 from qatkit.nn.fake_quantizer import FakeQuantizer
 from qatkit.tasks import ClassificationTask, Objective, Task, predict
 from qatkit.train import fsdp
+from qatkit.train.compiled import CompiledModel
 from qatkit.train.config import TrainConfig
 from qatkit.train.distill import Teacher, with_teacher
 from qatkit.train.distributed import DistInfo, GlobalBatchSampler, any_true, current, from_main
@@ -75,12 +76,14 @@ class FitResult:
     interventions: list[dict] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    compile: dict | None = None
+    """What ``compile: true`` did (train/compiled.py ``CompileInfo``), None without it."""
 
     def summary(self) -> dict:
         """What the run report shows for a stage (also kept in progress.json for resumed runs)."""
         return {"epochs": sum(h["epoch"] > 0 for h in self.history), "best_epoch": self.best_epoch,
                 "seconds": self.seconds, "steps": self.steps, "gave_up": self.gave_up,
-                "interventions": self.interventions}  # fmt: skip
+                "interventions": self.interventions, "compile": self.compile}  # fmt: skip
 
 
 def fit(
@@ -157,13 +160,18 @@ class _Trainer:
 
         # optimiser, schedule, precision
         model.to(device)
-        self.train_model = model
         self.sharded = self.info.active and cfg.parallel == "fsdp"
         if self.sharded:  # parameters, gradients and optimizer state of the trainable modules split over ranks
             fsdp.shard(model, device)
-        elif self.info.active:
+        # compile: true steps through torch.compile (inside DDP, whose own Python would split the graph);
+        # checkpoints, validation and export keep using the model itself
+        self.compiled = None
+        if cfg.compile:
+            self.compiled = CompiledModel(model, cfg.compile_mode, on_fallback=lambda m: self.log.notice(m))
+        self.train_model = self.compiled or model
+        if self.info.active and not self.sharded:
             ids = None if device == "cpu" else [device]
-            self.train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            self.train_model = nn.parallel.DistributedDataParallel(self.train_model, device_ids=ids)
         groups = param_groups(model, cfg.weight_decay, cfg.quant_lr)
         self.params = [p for g in groups for p in g["params"]]
         if cfg.optimizer == "sgd":
@@ -554,4 +562,5 @@ class _Trainer:
         r.best_epoch = c["best_epoch"] if c["best_epoch"] >= 0 else len(r.history)
         r.best_metrics, r.steps = c["best_metrics"], c["step"]
         r.seconds = time.perf_counter() - self.start
+        r.compile = self.compiled.info.to_dict() if self.compiled is not None else None
         return r

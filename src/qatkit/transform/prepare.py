@@ -274,7 +274,7 @@ def weight_errors(model: nn.Module) -> dict[str, float]:
     out = {}
     for name, m in model.named_modules():
         fq = getattr(m, "weight_quant", None) if isinstance(m, QuantModule) else None
-        if fq is None or not bool(fq.fake_quant_on):
+        if fq is None or not fq.quantizing:
             continue
         fq.sync_zero_point()
         w, s = m.weight.detach().float(), fq.spec
@@ -290,6 +290,6 @@ def quant_status(model: nn.Module) -> dict:
     return {
         "wrappers": len(wrappers),
         "quantizers": len(qs),
-        "fake_quant_on": sum(bool(q.fake_quant_on) for q in qs),
-        "observing": sum(bool(q.observer_on) for q in qs),
+        "fake_quant_on": sum(q.quantizing for q in qs),
+        "observing": sum(q.observing for q in qs),
     }
