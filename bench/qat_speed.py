@@ -159,7 +159,9 @@ def graphs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return e.graph_count, e.graph_break_count
 
 
-def build(case: Case, tools: list[str], console: Console) -> tuple[dict[str, Trainer], dict[str, dict[str, Any]]]:
+def build(
+    case: Case, tools: list[str], modes: list[str], console: Console
+) -> tuple[dict[str, Trainer], dict[str, dict[str, Any]]]:
     """Eager and compiled trainers for float and each tool; the first compiled step is timed (compilation)."""
     trainers: dict[str, Trainer] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -173,28 +175,30 @@ def build(case: Case, tools: list[str], console: Console) -> tuple[dict[str, Tra
             console.print(f"  {tool}: {reason(e)}")
     for name, (model, layers) in models.items():
         g, breaks = graphs(model, case.x)
-        trainers[f"{name} eager"] = Trainer(copy.deepcopy(model), case.x, case.y, loss)
-        compiled = Trainer(copy.deepcopy(model), case.x, case.y, loss)
-        compiled.model = torch.compile(compiled.model)
-        t0 = time.perf_counter()
-        try:
-            compiled.step()
-        except Exception as e:
-            info[f"{name} compiled"] = {"error": reason(e)}
-            console.print(f"  {name} compiled: {reason(e)}")
-        else:
-            trainers[f"{name} compiled"] = compiled
-            info[f"{name} compiled"] = {"first_step_s": round(time.perf_counter() - t0, 1)}
-        for mode in ("eager", "compiled"):
+        if "eager" in modes:
+            trainers[f"{name} eager"] = Trainer(copy.deepcopy(model), case.x, case.y, loss)
+        if "compiled" in modes:
+            compiled = Trainer(copy.deepcopy(model), case.x, case.y, loss)
+            compiled.model = torch.compile(compiled.model)
+            t0 = time.perf_counter()
+            try:
+                compiled.step()
+            except Exception as e:
+                info[f"{name} compiled"] = {"error": reason(e)}
+                console.print(f"  {name} compiled: {reason(e)}")
+            else:
+                trainers[f"{name} compiled"] = compiled
+                info[f"{name} compiled"] = {"first_step_s": round(time.perf_counter() - t0, 1)}
+        for mode in modes:
             info.setdefault(f"{name} {mode}", {}).update(layers=layers, graphs=g, breaks=breaks)
-        console.print(f"  {name}: {layers} layers, {g} graphs, {breaks} breaks, compile "
-                      f"{info[f'{name} compiled'].get('first_step_s', '-')} s")  # fmt: skip
+        first = info.get(f"{name} compiled", {}).get("first_step_s", "-")
+        console.print(f"  {name}: {layers} layers, {g} graphs, {breaks} breaks, compile {first} s")
     return trainers, info
 
 
-def run_case(case: Case, tools: list[str], s: Settings, console: Console) -> dict[str, Any]:
+def run_case(case: Case, tools: list[str], modes: list[str], s: Settings, console: Console) -> dict[str, Any]:
     console.print(f"[bold]{case.label}[/]: {count_layers(case.model)} Linear/Conv layers")
-    trainers, info = build(case, tools, console)
+    trainers, info = build(case, tools, modes, console)
     timed = time_steps(trainers, s.rounds, s.warmup)
     rows = {}
     for name, t in timed.items():
@@ -256,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", nargs="+", default=["digits_mlp", "resnet18", "vit_tiny"],
                    choices=["digits_mlp", "resnet18", "vit_tiny"])  # fmt: skip
     p.add_argument("--tools", nargs="+", default=list(TOOLS), choices=list(TOOLS), help="QAT tools to compare")
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write all results to this JSON file")
     return p.parse_args(argv)
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 200)
     env = environment(args.threads)
     t0 = time.perf_counter()
-    results = {c.key: run_case(c, args.tools, s, console) for c in make_cases(args.models, s)}
+    results = {c.key: run_case(c, args.tools, args.modes, s, console) for c in make_cases(args.models, s)}
     env.update(load_average_end=os.getloadavg()[0], wall_s=round(time.perf_counter() - t0, 1))
     console.print(f"\n{env['date']} | {env['machine']} | torch {env['torch']} ({args.threads} threads) | qatkit "
                   f"{env['git_commit']} | {'quick' if args.quick else 'full'} run, {env['wall_s']} s | load avg "

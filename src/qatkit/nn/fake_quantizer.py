@@ -38,9 +38,9 @@ class FakeQuantizer(nn.Module):
     ``observer_on`` and ``fake_quant_on`` are buffers, not Python flags, so a resumed run continues in the
     same phase; ``forward`` reads their Python mirrors (``observing``, ``quantizing``, kept in step by the setters
     and by ``load_state_dict``), so ``torch.compile`` specialises on them instead of splitting the graph at a
-    tensor-to-bool, and eager calls skip two device reads. A learnable (LSQ) scale is initialised by the observer on the first observed batch; an
-    asymmetric learnable quantizer also learns its offset (LSQ+, Bhalgat et al. 2020) as the float parameter
-    ``offset``, whose rounded value is the integer ``zero_point`` the exporters read.
+    tensor-to-bool, and eager calls skip two device reads. A learnable (LSQ) scale is initialised by the observer
+    on the first observed batch; an asymmetric learnable quantizer also learns its offset (LSQ+, Bhalgat et al.
+    2020) as the float parameter ``offset``, whose rounded value is the integer ``zero_point`` the exporters read.
     Given a ``shape`` it quantizes a weight: each observation replaces the range instead of merging into it.
     """
 

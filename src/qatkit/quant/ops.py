@@ -82,7 +82,7 @@ class VectorFakeQuantize(torch.autograd.Function):
         steps = torch.mul(x, scale.reciprocal()).round_()
         clamped = torch.clamp(steps, low, high)
         ctx.save_for_backward(clamped == steps)
-        return clamped.mul_(scale)
+        return clamped.mul_(scale).to(x.dtype)  # float32 math for bf16/fp16 inputs too, as ATen's kernels do
 
     @staticmethod
     def backward(ctx, grad: Tensor):
