@@ -145,6 +145,47 @@ def test_vectorised_fake_quantize_equals_pytorch_ops(qrange, per_channel):
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
+def test_bf16_input_is_quantized_in_float32(per_channel):
+    """A bfloat16 tensor (an activation under ``precision: bf16``) lands on the float32 grid: PyTorch's op on the
+    float32 copy, cast back, in value and gradient, small or large (PyTorch's own bf16 kernel rounds 1/scale)."""
+    qmin, qmax = -128, 127
+    for shape in ((6, 10), (16, 4, 16, 16)):
+        scale, zp = torch.rand(shape[0]) * 0.05 + 1e-3, torch.zeros(shape[0], dtype=torch.int32)
+        x32 = ties_and_edges(shape, scale.view(-1, *[1] * (len(shape) - 1)), 0.0, qmin, qmax).detach()
+        x = x32.bfloat16().requires_grad_()
+        x_ref = x.detach().float().requires_grad_()
+        if per_channel:
+            ref = torch.fake_quantize_per_channel_affine(x_ref, scale, zp, 0, qmin, qmax).bfloat16()
+            got = fake_quantize(x, scale, zp, qmin, qmax, ch_axis=0)
+        else:
+            ref = torch.fake_quantize_per_tensor_affine(x_ref, scale[:1], zp[:1], qmin, qmax).bfloat16()
+            got = fake_quantize(x, scale[:1], zp[:1], qmin, qmax)
+        assert got.dtype == torch.bfloat16 and torch.equal(ref, got)
+        upstream = torch.randn(shape).bfloat16()
+        (g_ref,), (g_got,) = torch.autograd.grad(ref, x_ref, upstream), torch.autograd.grad(got, x, upstream)
+        assert torch.equal(g_ref.bfloat16(), g_got)
+
+
+@pytest.mark.parametrize("name", ["mlp", "vit"])
+def test_compiled_bf16_autocast_step_equals_eager(name):
+    """``precision: bf16`` (CPU autocast): the traced training step gives the eager outputs and gradients exactly."""
+    model, x = prepared(name)
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    results = []
+    for m, call in ((model, model), (twin, compiled)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = call(x)
+        y.float().square().mean().backward()
+        results.append((y, [p.grad for p in m.parameters()]))
+    torch._dynamo.reset()
+    (y0, g0), (y1, g1) = results
+    assert y0.dtype == torch.bfloat16 and torch.equal(y0, y1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1, strict=True))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
 def test_lsq_custom_op_passes_pytorch_opcheck(per_channel):
     """The LSQ op's fake kernel, autograd registration and schema, as torch.library checks them."""
     x = torch.randn(4, 8, requires_grad=True)

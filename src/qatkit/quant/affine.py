@@ -74,7 +74,9 @@ def fake_quantize(
     if torch.compiler.is_compiling():  # traced: elementwise ops the compiler fuses into one loop
         s, z = broadcast_param(x, scale, ch_axis, 0), broadcast_param(x, zp.float(), ch_axis, 0)
         return VectorFakeQuantize.apply(x, s, qmin - z, qmax - z)
-    if x.numel() >= VECTOR_MIN_NUMEL and x.dtype == torch.float32 and scale.dtype == torch.float32:
+    if scale.dtype == torch.float32 and (
+        (x.dtype == torch.float32 and x.numel() >= VECTOR_MIN_NUMEL) or x.dtype in (torch.bfloat16, torch.float16)
+    ):  # bf16/fp16 (autocast) always: the same path eager and traced
         if ch_axis is None:  # eager: bounds as numbers (one read of the zero point) clamp faster than tensors
             z = int(zp.reshape(()))
             return VectorFakeQuantize.apply(x, scale.reshape(()), qmin - z, qmax - z)

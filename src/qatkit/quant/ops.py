@@ -75,14 +75,17 @@ class VectorFakeQuantize(torch.autograd.Function):
     for finite inputs (tested; a zero may carry the opposite sign); an infinite input gives the clamped end,
     where ATen's integer cast is undefined. The backward passes the gradient where the value was not clipped.
     ``scale``, ``low`` and ``high`` (float: ``qmin - zp``, ``qmax - zp``) are shaped to broadcast over ``x``.
+    bfloat16 and float16 inputs are quantized in float32 and the result cast back, as PyTorch's kernels do
+    (``x * (1 / s)`` in bfloat16 would round before the grid does and move values by a step).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, low: Tensor, high: Tensor) -> Tensor:
-        steps = torch.mul(x, scale.reciprocal()).round_()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        steps = torch.mul(xf, scale.reciprocal()).round_()
         clamped = torch.clamp(steps, low, high)
         ctx.save_for_backward(clamped == steps)
-        return clamped.mul_(scale).to(x.dtype)  # float32 math for bf16/fp16 inputs too, as ATen's kernels do
+        return clamped.mul_(scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
