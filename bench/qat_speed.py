@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     console = Console(width=None if sys.stdout.isatty() else 200)
     env = environment(args.threads)
+    env["qatkit_path"] = str(Path(qatkit.__file__).resolve().parent)  # PYTHONPATH may point at another checkout
     t0 = time.perf_counter()
     results = {c.key: run_case(c, args.tools, args.modes, s, console) for c in make_cases(args.models, s)}
     env.update(load_average_end=os.getloadavg()[0], wall_s=round(time.perf_counter() - t0, 1))
