@@ -126,6 +126,16 @@ def test_bad_recipe_is_one_line_without_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+def test_error_with_brackets_is_printed_as_text(tmp_path):
+    """A message holding what rich would read as markup (a path like ``[/x]``, gloo's ``[/pair.cc:553]``) is
+    still one line naming it, not a MarkupError traceback."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(TINY, data={"path": "missing[/x].npz", "batch_size": 64})))
+    r = qatkit("run", str(recipe), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "missing[/x].npz: file not found" in r.stderr
+
+
 def test_missing_recipe_names_bundled_ones():
     r = qatkit("run", "no_such_recipe")
     assert r.returncode == 2 and "bundled: basic_motions_cnn, digits_mlp" in r.stderr

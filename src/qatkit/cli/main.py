@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from qatkit.cli import lm as cli_lm
 
@@ -85,7 +86,7 @@ def run(
         job = run_folds if r.cv is not None else run_pipeline  # cv: the whole job once per fold
         job(r, out or Path("runs") / r.name, console=console, progress=show, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
-        err_console.print(f"stopped: {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"stopped: {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(130)
 
 
@@ -216,7 +217,8 @@ def main() -> None:
             raise
         known = isinstance(e, expected)
         msg = str(e) if known else f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
-        err_console.print(f"[bold red]error:[/] {' '.join(msg.split())}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets rich would read as markup (e.g. gloo's "[/path/pair.cc:553]")
+        err_console.print(f"[bold red]error:[/] {escape(' '.join(msg.split()))}", highlight=False, soft_wrap=True)
         sys.exit(1 if isinstance(e, (ParityError, CriteriaError)) or not known else 2)
 
 
