@@ -147,7 +147,7 @@ def test_vectorised_fake_quantize_equals_pytorch_ops(qrange, per_channel):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_bf16_input_is_quantized_in_float32(per_channel):
     """A bfloat16 tensor (an activation under ``precision: bf16``) lands on the float32 grid: PyTorch's op on the
-    float32 copy, cast back, in value and gradient, small or large (PyTorch's own bf16 kernel rounds 1/scale)."""
+    float32 copy, cast back, in value and gradient, small tensors and large (eager vectorised path) alike."""
     qmin, qmax = -128, 127
     for shape in ((6, 10), (16, 4, 16, 16)):
         scale, zp = torch.rand(shape[0]) * 0.05 + 1e-3, torch.zeros(shape[0], dtype=torch.int32)

@@ -71,13 +71,12 @@ def fake_quantize(
     if group_size:
         g = group_view(x, group_size)
         return fake_quantize(g, scale.reshape(-1), zp.reshape(-1), qmin, qmax, 0).reshape(x.shape)
-    if torch.compiler.is_compiling():  # traced: elementwise ops the compiler fuses into one loop
-        s, z = broadcast_param(x, scale, ch_axis, 0), broadcast_param(x, zp.float(), ch_axis, 0)
-        return VectorFakeQuantize.apply(x, s, qmin - z, qmax - z)
-    if scale.dtype == torch.float32 and (
-        (x.dtype == torch.float32 and x.numel() >= VECTOR_MIN_NUMEL) or x.dtype in (torch.bfloat16, torch.float16)
+    traced = torch.compiler.is_compiling()  # traced: elementwise ops the compiler fuses into one loop
+    if traced or (
+        scale.dtype == torch.float32
+        and ((x.dtype == torch.float32 and x.numel() >= VECTOR_MIN_NUMEL) or x.dtype in (torch.bfloat16, torch.float16))
     ):  # bf16/fp16 (autocast) always: the same path eager and traced
-        if ch_axis is None:  # eager: bounds as numbers (one read of the zero point) clamp faster than tensors
+        if ch_axis is None and not traced:  # eager: bounds as numbers (one zero-point read) clamp faster than tensors
             z = int(zp.reshape(()))
             return VectorFakeQuantize.apply(x, scale.reshape(()), qmin - z, qmax - z)
         s, z = broadcast_param(x, scale, ch_axis, 0), broadcast_param(x, zp.float(), ch_axis, 0)
